@@ -1,0 +1,204 @@
+"""Configuration: frozen dataclasses, YAML presets and type-checked `--section.key=value` overrides.
+
+`ModelConfig` is hashable so it can be a static argument to `jax.jit`. Invalid values fail on construction
+with a one-line `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or file; the message is one line naming the key."""
+
+
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+ATTENTION_IMPLS = ("reference", "jax", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000  # V
+    dim: int = 288  # D, the residual stream width
+    n_layers: int = 6  # L
+    n_heads: int = 6  # N query heads
+    n_kv_heads: int | None = None  # K key/value heads (grouped-query attention); None means n_heads
+    ffn_dim: int | None = None  # F; None means LLaMA's rule: 2/3 * 4D rounded up to a multiple of 256
+    max_seq_len: int = 2048  # longest sequence the model is trained / sampled at
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: str = "none"  # "none", "linear" or "llama3" (Llama 3.1 long-context scaling)
+    rope_factor: float = 1.0  # scaling factor for "linear" and "llama3"
+    rope_low_freq_factor: float = 1.0  # "llama3" only
+    rope_high_freq_factor: float = 4.0  # "llama3" only
+    rope_original_max_positions: int = 8192  # "llama3" only: the context length before scaling
+    tie_embeddings: bool = False  # the LM head reuses the embedding matrix
+    dtype: str = "float32"  # compute dtype; parameters stay float32 and logits are float32
+    attention_impl: str = "reference"  # "reference" (plain XLA), "jax" (jax.nn.dot_product_attention), "cudnn"
+    remat: str = "none"  # what the backward pass keeps: "none" (all), "full" (nothing), "save_matmuls"
+    init_std: float = 0.02  # std of the normal initialisation of weight matrices
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.ffn_dim is None:
+            object.__setattr__(self, "ffn_dim", 256 * -(-(8 * self.dim // 3) // 256))
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"n_heads={self.n_heads} does not divide dim={self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim=dim/n_heads={self.head_dim} must be even for RoPE")
+        for name, allowed in (("rope_scaling", ROPE_SCALING_TYPES), ("attention_impl", ATTENTION_IMPLS),
+                              ("remat", REMAT_POLICIES), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("norm_eps", "rope_theta", "rope_factor", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ConfigError("rope_high_freq_factor must be > rope_low_freq_factor for llama3 scaling")
+
+    @property
+    def head_dim(self) -> int:  # H
+        return self.dim // self.n_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic helpers shared by every sectioned config (model, data, train): YAML files and typed overrides.
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value, annotation):
+    """Checks/converts `value` (from YAML or the command line) to `annotation`, failing with the key's name."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be None")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return tuple(_coerce(key, v, args[0]) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {annotation}")
+
+
+def build(cls, values: dict, section: str):
+    """Builds dataclass `cls` from a dict, checking every key and value type; errors say `section.key`."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(f"unknown key {section}.{key} (known: {', '.join(types_)})")
+        kwargs[key] = _coerce(f"{section}.{key}", value, types_[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def apply_overrides(raw: dict, overrides: list[str], sections: tuple[str, ...]) -> dict:
+    """Applies `section.key=value` strings to a nested dict of raw values (typed later by `build`)."""
+    raw = {s: dict(raw.get(s) or {}) for s in sections} | {k: v for k, v in raw.items() if k not in sections}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: unknown section {section!r} (known: {', '.join(sections)})")
+        raw[section][name] = _parse_scalar(value)
+    return raw
+
+
+def _parse_scalar(text: str):
+    # YAML gives 3 -> int, true -> bool, null -> None; anything it cannot parse (globs like *.txt) stays a string.
+    try:
+        value = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, type(None))) else text
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Reads the `model:` section of a YAML preset (or a file that is only a model section)."""
+    data = load_yaml(path)
+    return build(ModelConfig, data.get("model", data), "model")

@@ -1,0 +1,282 @@
+"""LLaMA as pure functions over one parameter pytree.
+
+Shape letters used in names and einsum strings:
+  B batch, T query length, S key length, D model dim, N query heads, K key/value heads, G = N // K,
+  H head dim, F feed-forward dim, V vocabulary, L layers.
+
+The parameter pytree (a plain dict; weights are [in, out] so y = x @ w; layers stacked on axis 0 for lax.scan):
+  embed          [V, D]
+  layers/
+    attn_norm    [L, D]
+    wq           [L, D, N*H]
+    wk, wv       [L, D, K*H]
+    wo           [L, N*H, D]
+    ffn_norm     [L, D]
+    w_gate, w_up [L, D, F]
+    w_down       [L, F, D]
+  final_norm     [D]
+  lm_head        [D, V]      absent when config.tie_embeddings
+
+The KV cache used by sampling is a dict {"k": [L, B, S, K, H], "v": [L, B, S, K, H]} in the compute dtype; slot s
+of row b holds the key/value of that row's token at position s.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import ModelConfig
+
+_NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks: arrays and numbers in, arrays out; no config.
+
+
+def rms_norm(x, weight, eps: float):
+    """x: [..., D], weight: [D]. Statistics in float32 whatever x's dtype; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    weight = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (y * weight).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_positions: int = 8192) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32) for RoPE, optionally scaled for longer contexts.
+
+    "linear" divides every frequency by `factor` (position interpolation). "llama3" (Llama 3.1) divides only the
+    low frequencies (wavelength > original_max_positions / low_freq_factor), keeps the high ones
+    (wavelength < original_max_positions / high_freq_factor) and interpolates smoothly in between.
+    """
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling == "none":
+        return inv_freq
+    if scaling == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32)
+    if scaling != "llama3":
+        raise ValueError(f"rope scaling {scaling!r} is not one of none, linear, llama3")
+    wavelen = 2 * np.pi / inv_freq
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq):
+    """Rotates x by its per-row positions. Layout: split halves (as in Hugging Face Llama), i.e. dimension i is
+    paired with i + H/2, not interleaved pairs (2i, 2i+1) as in Meta's original code. Computed in float32."""
+    assert x_BTNH.ndim == 4 and positions_BT.shape == x_BTNH.shape[:2], (x_BTNH.shape, positions_BT.shape)
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
+    cos, sin = jnp.cos(angles_BTh)[:, :, None, :], jnp.sin(angles_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def causal_mask(q_positions_BT, kv_positions_BS, q_segment_ids_BT=None, kv_segment_ids_BS=None):
+    """[B, T, S] boolean: a query may see keys at its own position or earlier, in the same segment (document)."""
+    mask = kv_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
+    if q_segment_ids_BT is not None:
+        mask &= q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+    return mask
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, implementation: str = "reference"):
+    """Grouped-query attention (K divides N) with a boolean mask (True = may attend; None = no masking).
+
+    Build the usual causal / document mask with `causal_mask`. "reference" is plain XLA: K/V heads are not
+    repeated; each group of G = N/K query heads reads its shared K/V head through an einsum. Scores and softmax
+    are float32. "jax" and "cudnn" call jax.nn.dot_product_attention (cuDNN's fused kernel on GPU).
+    """
+    B, T, N, H = q_BTNH.shape
+    _, S, K, _ = k_BSKH.shape
+    assert k_BSKH.shape == v_BSKH.shape == (B, S, K, H) and N % K == 0, (q_BTNH.shape, k_BSKH.shape)
+    assert mask_BTS is None or mask_BTS.shape == (B, T, S), mask_BTS.shape
+    if implementation in ("jax", "cudnn"):
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None],
+            implementation="cudnn" if implementation == "cudnn" else None)
+    if implementation != "reference":
+        raise ValueError(f"attention implementation {implementation!r} is not one of reference, jax, cudnn")
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores_BKGTS = scores_BKGTS / math.sqrt(H)
+    if mask_BTS is not None:
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """x: [..., D], w_gate/w_up: [D, F], w_down: [F, D]. down(silu(x @ gate) * (x @ up))."""
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def lm_head(x, w):
+    """x: [..., D], w: [D, V] -> float32 logits [..., V] (for tied embeddings pass embed.T)."""
+    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model.
+
+
+def head_weight(params, config: ModelConfig):
+    """The [D, V] matrix of the LM head (the transposed embedding when tied)."""
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
+def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None):
+    """One transformer block. With kv_cache=(k_BSKH, v_BSKH), this step's keys/values are written into the cache
+    at their positions first and attention runs over the whole cache; returns (x, new_cache)."""
+    B, T, _ = x_BTD.shape
+    N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
+    h_BTD = rms_norm(x_BTD, layer["attn_norm"], config.norm_eps)
+    q_BTNH = apply_rope((h_BTD @ layer["wq"]).reshape(B, T, N, H), positions_BT, inv_freq)
+    k_BTKH = apply_rope((h_BTD @ layer["wk"]).reshape(B, T, K, H), positions_BT, inv_freq)
+    v_BTKH = (h_BTD @ layer["wv"]).reshape(B, T, K, H)
+    if kv_cache is not None:
+        rows_B1 = jnp.arange(B)[:, None]
+        k_BTKH = kv_cache[0].at[rows_B1, positions_BT].set(k_BTKH.astype(kv_cache[0].dtype), mode="drop")
+        v_BTKH = kv_cache[1].at[rows_B1, positions_BT].set(v_BTKH.astype(kv_cache[1].dtype), mode="drop")
+        kv_cache = (k_BTKH, v_BTKH)
+    attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl)
+    x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["wo"]
+    h_BTD = rms_norm(x_BTD, layer["ffn_norm"], config.norm_eps)
+    x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"])
+    return x_BTD, kv_cache
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _inv_freq(config: ModelConfig):
+    return rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_factor,
+                            config.rope_low_freq_factor, config.rope_high_freq_factor,
+                            config.rope_original_max_positions)
+
+
+def _check_tokens(tokens, positions, segment_ids):
+    assert tokens.ndim == 2, f"tokens must be [batch, seq], got shape {tokens.shape}"
+    for name, a in (("positions", positions), ("segment_ids", segment_ids)):
+        assert a is None or a.shape == tokens.shape, f"{name} shape {a.shape} != tokens shape {tokens.shape}"
+
+
+def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
+    """Final-normed hidden states [B, T, D] in the compute dtype (what the LM head reads; the training loss
+    uses this to avoid materialising all logits). Positions default to 0..T-1; with segment ids, tokens attend
+    only within their segment (packed documents)."""
+    _check_tokens(tokens_BT, positions_BT, segment_ids_BT)
+    B, T = tokens_BT.shape
+    dtype = jnp.dtype(config.dtype)
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions_BT = index_BT if positions_BT is None else positions_BT
+    # Causality is by index within the window; positions (which may restart per document) only drive RoPE.
+    mask_BTS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    inv_freq = _inv_freq(config)
+    x_BTD = params["embed"].astype(dtype)[tokens_BT]
+
+    def body(x_BTD, layer):
+        layer = jax.tree.map(lambda w: w.astype(dtype), layer)
+        return _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config)[0], None
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+    return rms_norm(x_BTD, params["final_norm"], config.norm_eps)
+
+
+def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
+    """tokens int32 [B, T] -> float32 logits [B, T, V]."""
+    h_BTD = hidden_states(params, tokens_BT, config, positions_BT, segment_ids_BT)
+    return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int):
+    """An empty KV cache {"k", "v"}: [L, B, max_len, K, H] in the compute dtype."""
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+
+
+def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
+    """Prefill or decode step over a KV cache: tokens [B, T] at per-row positions [B, T] (a row's positions are
+    consecutive). Writes their keys/values into the cache and attends to every slot at or before each query's
+    position, so earlier slots must hold that row's earlier tokens. Returns (float32 logits [B, T, V], cache).
+
+    scan_layers=False unrolls the layers: for one-token decode steps that avoids copying the cache through the
+    scan carry (measured about 2x faster on CPU); prefill can scan to keep compile time flat."""
+    _check_tokens(tokens_BT, positions_BT, None)
+    dtype = jnp.dtype(config.dtype)
+    S = cache["k"].shape[2]
+    mask_BTS = causal_mask(positions_BT, jnp.broadcast_to(jnp.arange(S), (tokens_BT.shape[0], S)))
+    inv_freq = _inv_freq(config)
+    x_BTD = params["embed"].astype(dtype)[tokens_BT]
+    layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])
+    if scan_layers:
+        def body(x_BTD, layer_and_kv):
+            layer, k, v = layer_and_kv
+            x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (k, v))
+            return x_BTD, (k, v)
+        x_BTD, (k_all, v_all) = jax.lax.scan(body, x_BTD, (layers, cache["k"], cache["v"]))
+    else:
+        k_all, v_all = cache["k"], cache["v"]
+        for i in range(config.n_layers):
+            layer = jax.tree.map(lambda w: w[i], layers)
+            x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (k_all[i], v_all[i]))
+            k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+    h_BTD = rms_norm(x_BTD, params["final_norm"], config.norm_eps)
+    logits = lm_head(h_BTD, head_weight(params, config).astype(dtype))
+    return logits, {**cache, "k": k_all, "v": v_all}
+
+
+def init_params(config: ModelConfig, key):
+    """LLaMA-style initialisation: normal(0, init_std) matrices, with the residual output projections (wo,
+    w_down) scaled by 1/sqrt(2L) so the residual stream's variance does not grow with depth; norms at 1."""
+    D, L, F, V = config.dim, config.n_layers, config.ffn_dim, config.vocab_size
+    NH, KH = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    std, out_std = config.init_std, config.init_std / math.sqrt(2 * L)
+    shapes = {
+        "embed": ((V, D), std),
+        "layers": {
+            "attn_norm": ((L, D), None), "wq": ((L, D, NH), std), "wk": ((L, D, KH), std),
+            "wv": ((L, D, KH), std), "wo": ((L, NH, D), out_std), "ffn_norm": ((L, D), None),
+            "w_gate": ((L, D, F), std), "w_up": ((L, D, F), std), "w_down": ((L, F, D), out_std),
+        },
+        "final_norm": ((D,), None),
+    }
+    if not config.tie_embeddings:
+        shapes["lm_head"] = ((D, V), std)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    inits = [jnp.ones(shape, jnp.float32) if s is None else s * jax.random.normal(k, shape, jnp.float32)
+             for (shape, s), k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, inits)
+
+
+@functools.lru_cache
+def param_count(config: ModelConfig) -> int:
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per matmul weight (the embedding lookup is not a matmul,
+    the LM head is) plus causal-free attention 12 * L * T * D, as in the PaLM paper's MFU appendix."""
+    matmul_params = param_count(config) - config.vocab_size * config.dim * (0 if config.tie_embeddings else 1)
+    matmul_params -= config.n_layers * 2 * config.dim + config.dim  # norms
+    return 6.0 * matmul_params + 12.0 * config.n_layers * seq_len * config.dim
