@@ -202,3 +202,101 @@ def load_model_config(path: str | Path) -> ModelConfig:
     """Reads the `model:` section of a YAML preset (or a file that is only a model section)."""
     data = load_yaml(path)
     return build(ModelConfig, data.get("model", data), "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None  # file, directory or glob of the corpus; None means the default Shakespeare corpus
+    format: str = "text"  # "text" (pretraining) or "chat" (JSONL conversations, loss on assistant turns only)
+    tokenizer: str | None = None  # an existing SentencePiece tokenizer.model; None trains one on the corpus
+    tokenizer_type: str = "bpe"  # "bpe" or "unigram", when training a tokenizer
+    text_field: str = "text"  # the field holding the text in .jsonl files
+    separator: str | None = None  # splits .txt files into documents; None means a file is a document
+    utf8_errors: str = "strict"  # "strict" stops at invalid UTF-8 naming the byte offset; "replace" counts them
+    val_fraction: float = 0.05  # share of documents held out for validation
+    document_masking: bool = True  # packed documents do not attend to each other; positions restart per document
+    cache_dir: str | None = None  # where prepared token files go; None means <run_dir>/data
+
+    def __post_init__(self):
+        for name, allowed in (("format", ("text", "chat")), ("tokenizer_type", ("bpe", "unigram")),
+                              ("utf8_errors", ("strict", "replace"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step (global, over all devices and micro-batches)
+    seq_len: int = 256  # tokens per sequence (<= model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0
+    schedule: str = "cosine"  # "cosine", "constant" or "wsd" (warmup-stable-decay)
+    decay_fraction: float = 0.2  # "wsd": the final share of steps that decays linearly
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW), on weight matrices only, never on norms
+    decay_embeddings: bool = False  # also decay the embedding matrix
+    grad_clip: float = 1.0  # clip by global norm; 0 disables
+    z_loss: float = 0.0  # weight of the mean squared log-normaliser (PaLM's z-loss); 0 disables
+    loss_chunk: int = 4096  # tokens per chunk of the LM head + loss, bounding the logits held in memory
+    eval_every: int = 100  # steps between validation passes (and one at the end)
+    eval_batches: int = 8  # batches per validation pass
+    save_every: int = 200  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard rows
+    seed: int = 0  # parameter init and data order
+    mesh: str = ""  # device mesh, e.g. "data=2,fsdp=4,tensor=1"; empty means one device
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 measures a large matmul at start-up
+    init_from: str | None = None  # start from these weights (a run directory or a HF Llama directory)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints",
+                     "log_every", "eval_every", "save_every", "loss_chunk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"grad_accum={self.grad_accum} does not divide batch_size={self.batch_size}")
+        if self.schedule not in ("cosine", "constant", "wsd"):
+            raise ConfigError(f"schedule={self.schedule!r} is not one of cosine, constant, wsd")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError("lr must be > 0, min_lr_ratio in [0, 1] and warmup_steps >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2}: each must be in [0, 1)")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """A YAML file with model/data/train sections (each optional), then `section.key=value` overrides."""
+    raw = load_yaml(path) if path else {}
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {sorted(unknown)[0]!r} (known: {', '.join(SECTIONS)})")
+    raw = apply_overrides(raw, list(overrides), tuple(SECTIONS))
+    return RunConfig(**{name: build(cls, raw[name], name) for name, cls in SECTIONS.items()})
+
+
+def dump_yaml(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

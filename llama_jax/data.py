@@ -285,6 +285,7 @@ def _chunks(docs, chunk_bytes: int):
 class TokenFile:
     tokens: np.ndarray  # memmap [n_tokens]
     doc_starts: np.ndarray  # [n_docs] offsets into tokens, ascending
+    target_mask: np.ndarray | None = None  # memmap [n_tokens] uint8: 1 where a token counts as a target (chat)
 
     @property
     def n_tokens(self) -> int:
@@ -302,7 +303,9 @@ def open_split(out_dir: str | Path, split: str, tokenizer: Tokenizer | None = No
                         f"{meta['tokenizer_sha256'][:12]}) than the configured one ({tokenizer.checksum[:12]})")
     n = meta["counts"][split]["tokens"]
     tokens = np.memmap(out / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,)) if n else np.zeros(0)
-    return TokenFile(tokens, np.load(out / f"{split}.docs.npy"))
+    mask_file = out / f"{split}.mask.bin"
+    mask = np.memmap(mask_file, dtype=np.uint8, mode="r", shape=(n,)) if n and mask_file.is_file() else None
+    return TokenFile(tokens, np.load(out / f"{split}.docs.npy"), mask)
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,8 @@ def window_batch(data: TokenFile, window_ids: np.ndarray, seq_len: int, document
         inputs_seg = np.ones((B, T), np.int32)
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
         loss_mask = np.ones((B, T), bool)
+    if data.target_mask is not None:  # dialogues: only assistant tokens are targets
+        loss_mask = loss_mask & (np.asarray(data.target_mask[idx[:, 1:].ravel()]).reshape(B, T) > 0)
     return {"tokens": window[:, :-1], "targets": window[:, 1:], "positions": np.ascontiguousarray(positions),
             "segment_ids": inputs_seg.astype(np.int32), "loss_mask": loss_mask.astype(np.float32)}
 

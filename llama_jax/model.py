@@ -213,10 +213,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int):
     return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
 
 
-def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
+def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
     """Prefill or decode step over a KV cache: tokens [B, T] at per-row positions [B, T] (a row's positions are
     consecutive). Writes their keys/values into the cache and attends to every slot at or before each query's
-    position, so earlier slots must hold that row's earlier tokens. Returns (float32 logits [B, T, V], cache).
+    position, so earlier slots must hold that row's earlier tokens. Returns (final-normed hidden [B, T, D], cache).
 
     scan_layers=False unrolls the layers: for one-token decode steps that avoids copying the cache through the
     scan carry (measured about 2x faster on CPU); prefill can scan to keep compile time flat."""
@@ -239,9 +239,13 @@ def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, 
             layer = jax.tree.map(lambda w: w[i], layers)
             x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (k_all[i], v_all[i]))
             k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
-    h_BTD = rms_norm(x_BTD, params["final_norm"], config.norm_eps)
-    logits = lm_head(h_BTD, head_weight(params, config).astype(dtype))
-    return logits, {**cache, "k": k_all, "v": v_all}
+    return rms_norm(x_BTD, params["final_norm"], config.norm_eps), {**cache, "k": k_all, "v": v_all}
+
+
+def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
+    """`hidden_cached` followed by the LM head: (float32 logits [B, T, V], cache)."""
+    h_BTD, cache = hidden_cached(params, tokens_BT, positions_BT, cache, config, scan_layers)
+    return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype)), cache
 
 
 def init_params(config: ModelConfig, key):

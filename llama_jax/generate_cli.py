@@ -1,0 +1,200 @@
+"""The command behind `generate.py`: load a checkpoint and its tokenizer, stream text, or chat."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+from pathlib import Path
+
+from llama_jax import chat
+from llama_jax.checkpoint import ResumeError
+from llama_jax.config import ConfigError
+from llama_jax.generate import generate, stream
+from llama_jax.hf import CheckpointError, load_hf_checkpoint
+from llama_jax.tokenizer import Tokenizer, TokenizerError
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face Llama directory")
+    p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (see llama_jax/chat.py)")
+    p.add_argument("--system", help="system message for --chat")
+    return p.parse_args(argv)
+
+
+def load(path: str | Path, step: int | None = None):
+    """(config, params, tokenizer) from a run directory or a Hugging Face directory, with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--checkpoint {path}: no such directory")
+    if (path / "checkpoints").is_dir():
+        from llama_jax.loop import load_run_params
+
+        config, params, _ = load_run_params(path, step)
+    elif (path / "config.json").is_file():
+        config, params = load_hf_checkpoint(path)
+    else:
+        raise UsageError(f"--checkpoint {path}: neither a training run directory (with checkpoints/) nor a Hugging "
+                         "Face Llama directory (with config.json)")
+    tok_file = path / "tokenizer.model"
+    if not tok_file.is_file():
+        raise UsageError(f"{path}: no tokenizer.model beside the checkpoint (a SentencePiece model is required)")
+    tok = Tokenizer(tok_file)
+    if tok.vocab_size > config.vocab_size:
+        raise UsageError(f"{tok_file}: the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
+                         f"{config.vocab_size}; they do not belong together")
+    return config, params, tok
+
+
+class TextStream:
+    """Turns tokens into UTF-8 text as it becomes complete: a character split over byte-fallback pieces is
+    printed only when its last byte arrives."""
+
+    def __init__(self, tok: Tokenizer, out=None):
+        self.tok, self.out = tok, out or sys.stdout
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, token: int) -> str:
+        text = self.decoder.decode(self.tok.piece_bytes(token))
+        self.out.write(text)
+        self.out.flush()
+        return text
+
+    def close(self) -> None:
+        self.out.write(self.decoder.decode(b"", final=True))
+        self.out.flush()
+
+
+def _summary(n_prompt: int, prefill_s: float, n_new: int, decode_s: float) -> str:
+    rate = lambda n, s: f"{n / s:.1f} tok/s" if s > 0 else "n/a"
+    return (f"prefill: {n_prompt} tokens in {prefill_s:.2f}s ({rate(n_prompt, prefill_s)}, includes compilation); "
+            f"decode: {n_new} tokens in {decode_s:.2f}s ({rate(n_new, decode_s)}, after the first step)")
+
+
+def run(args) -> None:
+    config, params, tok = load(args.checkpoint, args.step)
+    if args.dtype:
+        config = config.replace(dtype=args.dtype)
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples={args.num_samples} must be >= 1")
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+    if args.chat:
+        return chat_loop(params, config, tok, sampling, args.system)
+    texts = list(args.prompt)
+    for f in args.prompt_file:
+        if not Path(f).is_file():
+            raise UsageError(f"--prompt-file {f}: no such file")
+        texts.append(Path(f).read_text(encoding="utf-8"))
+    if not texts:
+        texts = [""]  # unconditional: BOS alone
+    prompts = [tok.encode(t, bos=True) for t in texts for _ in range(args.num_samples)]
+    stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
+    if len(prompts) == 1:
+        return _stream_one(params, config, tok, prompts[0], texts[0], stops, sampling)
+    t0 = time.perf_counter()
+    outs = generate(params, config, prompts, stop_tokens=stops, **sampling)
+    elapsed = time.perf_counter() - t0
+    for i, (prompt_text, new) in enumerate(zip([t for t in texts for _ in range(args.num_samples)], outs)):
+        body = tok.decode([t for t in new if t not in stops])
+        print(f"--- sample {i + 1} (prompt {i // args.num_samples + 1}) ---\n{prompt_text}{body}")
+    n_new = sum(len(o) for o in outs)
+    print(f"{len(prompts)} rows, {n_new} new tokens in {elapsed:.2f}s ({n_new / elapsed:.1f} tok/s, "
+          "including compilation)", file=sys.stderr)
+
+
+def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> None:
+    print(prompt_text, end="", flush=True)
+    out = TextStream(tok)
+    t0 = time.perf_counter()
+    n, t_first = 0, None
+    for token in stream(params, config, [prompt], stop_tokens=stops, **sampling):
+        token = int(token[0])
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token < 0 or token in stops:
+            break
+        out.write(token)
+        n += 1
+    out.close()
+    print()
+    t_end = time.perf_counter()
+    print(_summary(len(prompt), (t_first or t_end) - t0, max(n - 1, 0), t_end - (t_first or t_end)),
+          file=sys.stderr)
+
+
+def chat_loop(params, config, tok, sampling, system=None, read=input) -> None:
+    """Interactive chat. The history is re-rendered each turn and its oldest turns are dropped to fit."""
+    history = [{"role": "system", "content": system}] if system else []
+    stops = chat.stop_tokens(tok)
+    budget = config.max_seq_len - sampling["max_new_tokens"]
+    if budget < 16:
+        raise UsageError(f"--max-new-tokens={sampling['max_new_tokens']} leaves no room for the conversation in "
+                         f"the model's context of {config.max_seq_len} tokens")
+    print("chat: type a message, Ctrl-D or Ctrl-C to quit", file=sys.stderr)
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        while True:
+            prompt = [tok.bos_id] + tok.encode(chat.render(history, add_generation_prompt=True))
+            turns = [i for i, m in enumerate(history) if m["role"] != "system"]
+            if len(prompt) <= budget or len(turns) <= 1:
+                break
+            del history[turns[0]]  # the oldest turn goes first; the system message stays
+        prompt = prompt[-budget:]
+        print("assistant> ", end="", flush=True)
+        out, reply = TextStream(tok), []
+        try:
+            for token in stream(params, config, [prompt], stop_tokens=stops, **sampling):
+                token = int(token[0])
+                if token < 0 or token in stops:
+                    break
+                out.write(token)
+                reply.append(token)
+        except KeyboardInterrupt:
+            out.close()
+            print(file=sys.stderr)
+            return
+        out.close()
+        print()
+        history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

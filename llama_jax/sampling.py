@@ -1,0 +1,82 @@
+"""Logits -> next token. Small pure functions of (logits [B, V], ...) that compose; `sample` chains them in the
+usual order (repetition penalty, temperature, top-k, top-p, min-p) and draws with an explicit key.
+
+Filters set excluded logits to -inf, so after any chain the softmax is the exact renormalised distribution over
+the tokens that survive.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
+    """CTRL-style: logits of tokens already seen are divided by `penalty` when positive, multiplied when not."""
+    penalised = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(seen_BV, penalised, logits_BV)
+
+
+def top_k_filter(logits_BV, k: int):
+    """Keeps the k largest logits of each row."""
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    return jnp.where(logits_BV >= kth_B1, logits_BV, NEG_INF)
+
+
+def top_p_filter(logits_BV, p: float):
+    """Keeps the smallest set of most likely tokens whose probability sums to at least p (nucleus sampling)."""
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly more likely tokens
+    keep_BV = before_BV < p
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV >= threshold_B1, logits_BV, NEG_INF)
+
+
+def min_p_filter(logits_BV, min_p: float):
+    """Keeps tokens whose probability is at least min_p times that of the most likely token."""
+    cutoff_B1 = jnp.max(logits_BV, axis=-1, keepdims=True) + jnp.log(min_p)
+    return jnp.where(logits_BV >= cutoff_B1, logits_BV, NEG_INF)
+
+
+def filtered_logits(logits_BV, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    min_p: float | None = None, seen_BV=None, repetition_penalty: float | None = None):
+    """The chain of filters `sample` draws from (temperature > 0)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        logits_BV = apply_repetition_penalty(logits_BV, seen_BV, repetition_penalty)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        logits_BV = top_k_filter(logits_BV, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits_BV = top_p_filter(logits_BV, top_p)
+    if min_p is not None and min_p > 0.0:
+        logits_BV = min_p_filter(logits_BV, min_p)
+    return logits_BV
+
+
+def sample(logits_BV, key, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, seen_BV=None, repetition_penalty: float | None = None):
+    """int32 [B] next tokens. temperature == 0 is greedy (argmax, after the repetition penalty)."""
+    if temperature == 0:
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            logits_BV = apply_repetition_penalty(logits_BV, seen_BV, repetition_penalty)
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = filtered_logits(logits_BV, temperature, top_k, top_p, min_p, seen_BV, repetition_penalty)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty=None) -> None:
+    """One-line errors for out-of-range sampling settings (raised before anything is compiled)."""
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k} must be a positive integer")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise ValueError(f"min_p={min_p} must be in [0, 1)")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")

@@ -1,0 +1,11 @@
+"""Pretrain or fine-tune a LLaMA-style model: `python train.py --config configs/tiny.yaml [--section.key=value]`.
+
+See `python train.py --help` and README.md. The work happens in llama_jax/loop.py.
+"""
+
+import sys
+
+from llama_jax.loop import main
+
+if __name__ == "__main__":
+    sys.exit(main())
