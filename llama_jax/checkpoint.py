@@ -43,9 +43,10 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def restore(mgr: ocp.CheckpointManager, abstract_state, step: int | None = None):
+def restore(mgr: ocp.CheckpointManager, abstract_state, step: int | None = None, check=None):
     """Restores (step, state, meta) onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding),
-    from `step` or the newest step that reads back; None if there is no checkpoint."""
+    from `step` or the newest step that reads back; None if there is no checkpoint. `check(meta)` runs before
+    the arrays are read (to refuse an incompatible config with a clear message)."""
     steps = sorted(mgr.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
@@ -53,47 +54,26 @@ def restore(mgr: ocp.CheckpointManager, abstract_state, step: int | None = None)
         steps = [step]
     for s in steps:
         try:
-            restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                              meta=ocp.args.JsonRestore()))
-            return s, restored.state, restored.meta
+            meta = read_meta(mgr, s)
         except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-            if step is not None:
-                raise ResumeError(f"{mgr.directory}/{s}: unreadable checkpoint ({type(e).__name__})") from None
-            print(f"warning: checkpoint {mgr.directory}/{s} is unreadable ({type(e).__name__}); "
-                  "trying the previous one", file=sys.stderr)
+            _unreadable(mgr, s, e, fatal=step is not None)
+            continue
+        if check is not None:
+            check(meta)
+        try:
+            state = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+            return s, state, meta
+        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+            _unreadable(mgr, s, e, fatal=step is not None)
     return None
+
+
+def _unreadable(mgr, step: int, error: Exception, fatal: bool) -> None:
+    if fatal:
+        raise ResumeError(f"{mgr.directory}/{step}: unreadable checkpoint ({type(error).__name__})") from None
+    print(f"warning: checkpoint {mgr.directory}/{step} is unreadable ({type(error).__name__}); "
+          "trying the previous one", file=sys.stderr)
 
 
 def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
-def latest_params(run_dir: str | Path, step: int | None = None):
-    """(ModelConfig, params, meta) of a run directory's newest (or given) checkpoint, on the default device,
-    without rebuilding the optimizer: used by sampling and export."""
-    from llama_jax.config import ModelConfig, build
-
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise ResumeError(f"{run_dir}: no checkpoints/ directory (expected a training run directory)")
-    mgr = manager(ckpt_dir, async_save=False)
-    steps = sorted(mgr.all_steps(), reverse=True)
-    if not steps:
-        raise ResumeError(f"{ckpt_dir}: no complete checkpoint")
-    if step is not None and step not in steps:
-        raise ResumeError(f"{ckpt_dir}: no checkpoint for step {step} (have {sorted(steps)})")
-    step = steps[0] if step is None else step
-    meta = read_meta(mgr, step)
-    config = build(ModelConfig, meta["config"]["model"], "model")
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=None, partial_restore=True, item={"params": _params_target(config)})))
-    mgr.close()
-    return config, restored.state["params"], meta | {"step": step}
-
-
-def _params_target(config):
-    from llama_jax.model import init_params
-
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)

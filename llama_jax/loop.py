@@ -169,6 +169,7 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
     has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     if has_ckpt and not resume:
         raise ConfigError(f"{run_dir} already has checkpoints; pass --resume to continue, or choose another --run-dir")
+    mesh = sharding.make_mesh(config.train.mesh)  # fails fast, before any data work
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
@@ -194,7 +195,6 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
                      utf8_errors=config.data.utf8_errors, progress=is_main)
     train_split, val_split = data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
 
-    mesh = sharding.make_mesh(tc.mesh)
     if tc.batch_size % (sharding.batch_size_divisor(mesh) * tc.grad_accum) and tc.grad_accum == 1:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the mesh's data x fsdp = "
                           f"{sharding.batch_size_divisor(mesh)}")
@@ -204,10 +204,11 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
 
     mgr = checkpoint.manager(ckpt_dir, keep=tc.keep_checkpoints)
     loader_state = data.LoaderState(seed=tc.seed)
-    restored = checkpoint.restore(mgr, checkpoint.abstract_like(abstract, state_shard)) if has_ckpt else None
+    check = lambda meta: _check_compatible(meta["config"]["model"], config, run_dir)
+    restored = checkpoint.restore(mgr, checkpoint.abstract_like(abstract, state_shard), check=check) if has_ckpt \
+        else None
     if restored is not None:
         step0, state, meta = restored
-        _check_compatible(meta["config"]["model"], config, run_dir)
         loader_state = data.LoaderState.from_dict(meta["loader"])
         print(f"resumed from {ckpt_dir / str(step0)}", file=sys.stderr)
         if is_main:

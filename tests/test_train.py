@@ -1,0 +1,260 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax import loop, sharding
+from llama_jax import train as T
+from llama_jax.config import TrainConfig
+from llama_jax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the king queen castle sword crown night day love war peace river stone fire".split()
+
+# A model and corpus small enough that a step takes milliseconds.
+TINY = ["--model.vocab_size=320", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=4",
+        "--model.n_kv_heads=2", "--model.ffn_dim=64", "--model.max_seq_len=64", "--train.seq_len=32",
+        "--train.batch_size=8", "--train.warmup_steps=2", "--train.lr=3e-3", "--train.eval_batches=2",
+        "--train.log_every=1", "--train.peak_flops=1e12"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        # A learnable pattern: words follow each other in a fixed cycle with occasional noise.
+        start = rng.integers(len(WORDS))
+        words = [WORDS[(start + j) % len(WORDS)] if rng.random() > 0.1 else rng.choice(WORDS) for j in range(300)]
+        (root / f"doc{i}.txt").write_text(" ".join(words) + "\n")
+    return root
+
+
+def train_args(corpus, run_dir, *extra):
+    return TINY + [f"--data.path={corpus}", "--run-dir", str(run_dir), *extra]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+def test_loss_falls_and_run_dir_is_complete(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert loop.main(train_args(corpus, run, "--train.steps=40", "--train.eval_every=20",
+                                "--train.save_every=20")) == 0
+    out = capsys.readouterr().out
+    assert "validation loss" in out and f"checkpoint: {run / 'checkpoints' / '40'}" in out
+    l = losses(run)
+    assert np.mean([l[s] for s in range(36, 41)]) < np.mean([l[s] for s in range(1, 6)]) - 1.0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert any("val_loss" in r for r in rows) and any("mfu" in r and "tok_per_s" in r for r in rows)
+    for name in ("config.yaml", "tokenizer.model", "loss.png", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["20", "40"]
+    config, params, meta = loop.load_run_params(run)
+    assert config.dim == 32 and meta["step"] == 40 and params["layers"]["wq"].shape == (2, 32, 32)
+
+
+def test_sigterm_saves_and_resume_reproduces_losses_exactly(corpus, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--train.steps=24", "--train.eval_every=100", "--train.save_every=100"]
+    assert loop.main(train_args(corpus, full, *args)) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(corpus, part, *args)],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(losses(part)) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err
+    saved = int(sorted((part / "checkpoints").iterdir(), key=lambda p: int(p.name))[-1].name)
+    assert 5 <= saved < 24
+    assert loop.main(train_args(corpus, part, *args, "--resume")) == 0
+    a, b = losses(full), losses(part)
+    assert sorted(b) == list(range(1, 25))
+    assert [a[s] for s in range(1, 25)] == [b[s] for s in range(1, 25)]  # bit-identical float32 losses
+
+
+def test_half_written_checkpoint_is_ignored(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = train_args(corpus, run, "--train.eval_every=100", "--train.save_every=5")
+    assert loop.main(base + ["--train.steps=10"]) == 0
+    ckpts = run / "checkpoints"
+    # What a kill mid-save leaves: Orbax's temporary directory (never renamed to "15")...
+    shutil.copytree(ckpts / "10", ckpts / "15.orbax-checkpoint-tmp-1234567")
+    # ...and, worse, a directory whose files were cut short.
+    shutil.copytree(ckpts / "10", ckpts / "20")
+    for f in (ckpts / "20" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+    assert loop.main(base + ["--train.steps=12", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "20 is unreadable" in err and f"resumed from {ckpts / '10'}" in err
+
+
+def test_incompatible_resume_and_bad_config_get_one_line_errors(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert loop.main(train_args(corpus, run, "--train.steps=2", "--train.eval_every=100")) == 0
+    capsys.readouterr()
+    cases = [
+        (train_args(corpus, run, "--train.steps=4", "--model.dim=64", "--resume"),
+         "cannot resume", "the model config differs: dim (saved 32, now 64)"),
+        (train_args(corpus, run, "--train.steps=4"), "already has checkpoints; pass --resume", ""),
+        (train_args(corpus, tmp_path / "b", "--train.stepz=3"), "unknown key train.stepz", ""),
+        (train_args(corpus, tmp_path / "b", "--train.steps=many"), "train.steps='many': expected an integer", ""),
+        (train_args(corpus, tmp_path / "b", "--model.n_heads=3"), "n_heads=3 does not divide dim=32", ""),
+        (train_args(corpus, tmp_path / "b", "--train.mesh=data=3"), "needs 3 devices", ""),
+        (train_args(tmp_path / "missing", tmp_path / "b"), "missing: no such file or directory", ""),
+    ]
+    for argv, *messages in cases:
+        if "--train.mesh=data=3" in argv:
+            argv = argv[:]  # 8 host devices exist; ask for more than that instead
+            argv[argv.index("--train.mesh=data=3")] = "--train.mesh=data=16"
+            messages = ["needs 16 devices"]
+        assert loop.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
+        assert sum("error" in line for line in err.splitlines()) == 1, err
+        err = err.splitlines()[-1]
+        for m in messages:
+            assert m in err, err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert loop.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=100")) == 0
+    capsys.readouterr()
+    code = loop.main(train_args(corpus, run, "--train.steps=8", "--train.eval_every=100", "--train.save_every=1",
+                                "--train.lr=1e30", "--train.grad_clip=0", "--train.warmup_steps=0", "--resume"))
+    err = capsys.readouterr().err
+    assert code == 1 and "loss is nan" in err.lower() or "loss is inf" in err.lower(), err
+    config, params, meta = loop.load_run_params(run)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+# --- the optimizer and the step --------------------------------------------------------------------------------
+
+
+def small_setup(**train_kwargs):
+    config = lj.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    train = TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=0, **train_kwargs)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (8, 17)).astype(np.int32)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+             "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)),
+             "segment_ids": np.ones((8, 16), np.int32),
+             "loss_mask": (rng.random((8, 16)) > 0.2).astype(np.float32)}
+    return config, train, jax.tree.map(jnp.asarray, batch)
+
+
+def test_weight_decay_mask_covers_exactly_the_matrices():
+    config, _, _ = small_setup()
+    params = lj.init_params(config, jax.random.key(0))
+    mask = T.decay_mask(params)
+    assert mask["layers"] == {"attn_norm": False, "wq": True, "wk": True, "wv": True, "wo": True,
+                              "ffn_norm": False, "w_gate": True, "w_up": True, "w_down": True}
+    assert mask["embed"] is False and mask["final_norm"] is False and mask["lm_head"] is True
+    assert T.decay_mask(params, decay_embeddings=True)["embed"] is True
+    # Behaviourally: with zero gradients only the decayed leaves move.
+    train = TrainConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip=0)
+    opt = T.make_optimizer(train)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    assert moved == mask
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    config, train, batch = small_setup()
+    state = T.init_state(config, train, jax.random.key(0))
+    big, m1 = jax.jit(T.train_step, static_argnums=(2, 3))(state, batch, config, train)
+    state = T.init_state(config, train, jax.random.key(0))
+    acc = TrainConfig(**{**train.__dict__, "grad_accum": 4})
+    small, m4 = jax.jit(T.train_step, static_argnums=(2, 3))(state, batch, config, acc)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), big.params, small.params)
+
+
+def test_chunked_loss_equals_plain_cross_entropy():
+    config, train, batch = small_setup(z_loss=1e-3)
+    params = lj.init_params(config, jax.random.key(0))
+    logits = lj.forward(params, batch["tokens"], config, batch["positions"], batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    expected = jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+    for chunk in (5, 4096):
+        t = TrainConfig(**{**train.__dict__, "loss_chunk": chunk})
+        obj, (ce, z, n) = T.loss_sums(params, batch, config, t)
+        np.testing.assert_allclose(ce / n, expected, rtol=1e-5)
+        lse = jax.nn.logsumexp(logits, -1)
+        np.testing.assert_allclose(z, jnp.sum(lse**2 * batch["loss_mask"]), rtol=1e-5)
+        g1 = jax.grad(lambda p: T.loss_sums(p, batch, config, t)[0])(params)
+        g0 = jax.grad(lambda p: T.loss_sums(p, batch, config, train)[0])(params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])
+def test_lr_schedules(schedule):
+    t = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
+    f = T.lr_schedule(t)
+    assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5) and float(f(10)) == pytest.approx(1.0)
+    end = {"cosine": 0.1, "constant": 1.0, "wsd": 0.1}[schedule]
+    assert float(f(100)) == pytest.approx(end, abs=1e-6)
+    if schedule == "wsd":
+        assert float(f(79)) == pytest.approx(1.0) and float(f(90)) == pytest.approx(0.55, abs=1e-6)
+
+
+# --- multiple devices ------------------------------------------------------------------------------------------
+
+
+def test_eight_devices_match_one_device(corpus, tmp_path):
+    assert jax.device_count() >= 8
+    common = ["--train.steps=6", "--train.eval_every=100", "--train.save_every=100"]
+    assert loop.main(train_args(corpus, tmp_path / "one", *common)) == 0
+    assert loop.main(train_args(corpus, tmp_path / "eight", *common, "--mesh", "data=2,fsdp=2,tensor=2")) == 0
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=2e-5)
+
+
+def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
+    common = ["--train.eval_every=100", "--train.save_every=3"]
+    assert loop.main(train_args(corpus, tmp_path / "ref", *common, "--train.steps=6")) == 0
+    run = tmp_path / "run"
+    assert loop.main(train_args(corpus, run, *common, "--train.steps=6", "--mesh", "fsdp=8")) == 0
+    shutil.rmtree(run / "checkpoints" / "6")
+    assert loop.main(train_args(corpus, run, *common, "--train.steps=6", "--mesh", "data=2,tensor=4",
+                                "--resume")) == 0
+    a, b = losses(tmp_path / "ref"), losses(run)
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=2e-5)
+
+
+def test_param_specs_shard_matrices_and_replicate_norms():
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    config = lj.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, ffn_dim=64)
+    specs = sharding.param_specs(jax.eval_shape(lambda: lj.init_params(config, jax.random.key(0))), mesh)
+    P = jax.sharding.PartitionSpec
+    assert specs["layers"]["wq"] == P(None, "fsdp", "tensor") and specs["layers"]["wo"] == P(None, "tensor", "fsdp")
+    assert specs["layers"]["attn_norm"] == P(None, None) and specs["embed"] == P("fsdp", "tensor")
+    with pytest.raises(lj.ConfigError, match="expected comma-separated AXIS=N"):
+        sharding.parse_mesh("data=2,pipeline=2")
+
+
+def test_metrics_jsonl_rows_are_json(corpus, tmp_path):
+    run = tmp_path / "r"
+    assert loop.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=3")) == 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert "step" in row and "tokens_seen" in row
