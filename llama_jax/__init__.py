@@ -1,6 +1,7 @@
 """llama_jax: a functional LLaMA in JAX. The public API; see README.md and docs/."""
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
+from llama_jax.decode import generate, stream
 from llama_jax.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from llama_jax.model import (
     apply_rope,
@@ -9,6 +10,7 @@ from llama_jax.model import (
     flops_per_token,
     forward,
     forward_cached,
+    hidden_cached,
     hidden_states,
     init_cache,
     init_params,
@@ -18,5 +20,14 @@ from llama_jax.model import (
     rope_frequencies,
     swiglu,
 )
+
+from llama_jax.sampling import (
+    apply_repetition_penalty,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+from llama_jax.tokenizer import Tokenizer, train_tokenizer
 
 __version__ = "0.1.0"

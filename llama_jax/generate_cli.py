@@ -11,7 +11,7 @@ from pathlib import Path
 from llama_jax import chat
 from llama_jax.checkpoint import ResumeError
 from llama_jax.config import ConfigError
-from llama_jax.generate import generate, stream
+from llama_jax.decode import generate, stream
 from llama_jax.hf import CheckpointError, load_hf_checkpoint
 from llama_jax.tokenizer import Tokenizer, TokenizerError
 
