@@ -2,7 +2,6 @@
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
 from llama_jax.decode import generate, stream
-from llama_jax.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from llama_jax.model import (
     apply_rope,
     attention,
@@ -20,7 +19,6 @@ from llama_jax.model import (
     rope_frequencies,
     swiglu,
 )
-
 from llama_jax.sampling import (
     apply_repetition_penalty,
     min_p_filter,
@@ -28,6 +26,21 @@ from llama_jax.sampling import (
     top_k_filter,
     top_p_filter,
 )
-from llama_jax.tokenizer import Tokenizer, train_tokenizer
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that `python -m llama_jax.hf` / `python -m llama_jax.tokenizer` run their module
+# fresh (runpy warns when a package has already imported the module it is asked to run).
+_LAZY = {"load_hf_checkpoint": "hf", "save_hf_checkpoint": "hf", "CheckpointError": "hf",
+         "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"llama_jax.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
+
+
+__all__ = sorted([n for n in dir() if not n.startswith("_")] + list(_LAZY))

@@ -44,6 +44,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32 and logits are float32
     attention_impl: str = "reference"  # "reference" (plain XLA), "jax" (jax.nn.dot_product_attention), "cudnn"
     remat: str = "none"  # what the backward pass keeps: "none" (all), "full" (nothing), "save_matmuls"
+    scan_layers: bool = True  # lax.scan over layers (compile time independent of depth); False unrolls them,
+    #                           which runs ~20% faster for small models on CPU at the price of longer compiles
     init_std: float = 0.02  # std of the normal initialisation of weight matrices
 
     def __post_init__(self):

@@ -82,24 +82,26 @@ def prefill(params, tokens_BP, lengths_B, config: ModelConfig, sampler: Sampler,
     return _record(state, sampler(logits_BV, sub, seen), sampler)
 
 
-def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sampler) -> DecodeState:
+def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sampler,
+                scan_layers: bool = False) -> DecodeState:
     """Feeds each row's last token at its own position, then samples the next one."""
     positions_B1 = state.cache["lengths"][:, None]
     kv = {"k": state.cache["k"], "v": state.cache["v"]}
     # Layers unrolled, not scanned: a scan carries the whole cache through each iteration, which measured about
     # twice as slow per token on CPU for stories110M (see docs/benchmarks.md).
-    h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers=False)
+    h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers)
     logits_BV = model.lm_head(h_B1D[:, 0], model.head_weight(params, config).astype(h_B1D.dtype))
     key, sub = jax.random.split(state.key)
     state = state.replace(cache={**kv, "lengths": state.cache["lengths"] + 1}, key=key)
     return _record(state, sampler(logits_BV, sub, state.seen_BV), sampler)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "max_len", "max_new_tokens"))
-def _generate_jit(params, tokens_BP, lengths_B, key, config, sampler, max_len, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "max_len", "max_new_tokens", "scan_layers"))
+def _generate_jit(params, tokens_BP, lengths_B, key, config, sampler, max_len, max_new_tokens, scan_layers=False):
     state = prefill(params, tokens_BP, lengths_B, config, sampler, max_len, max_new_tokens, key)
     cond = lambda s: (s.i < max_new_tokens) & ~jnp.all(s.done_B)
-    return jax.lax.while_loop(cond, lambda s: decode_step(params, s, config, sampler), state).out_BM
+    step = lambda s: decode_step(params, s, config, sampler, scan_layers)
+    return jax.lax.while_loop(cond, step, state).out_BM
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("config", "sampler", "max_len", "max_new_tokens"))

@@ -219,3 +219,48 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
             hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     return out
+
+
+def main(argv=None) -> int:
+    """python -m llama_jax.hf export --checkpoint RUN_DIR --out HF_DIR
+    python -m llama_jax.hf import --checkpoint HF_DIR --out RUN_DIR"""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m llama_jax.hf", description="Convert to and from Hugging Face Llama.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="a training run's checkpoint -> a Hugging Face Llama directory")
+    e.add_argument("--checkpoint", required=True, help="training run directory")
+    e.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--max-shard-gb", type=float, default=2.0)
+    i = sub.add_parser("import", help="a Hugging Face Llama directory -> a run directory (Orbax checkpoint)")
+    i.add_argument("--checkpoint", required=True, help="Hugging Face Llama directory")
+    i.add_argument("--out", required=True, help="run directory to create")
+    args = p.parse_args(argv)
+
+    from llama_jax.checkpoint import ResumeError
+    from llama_jax.loop import load_run_params, save_imported
+    from llama_jax.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        if args.command == "export":
+            config, params, _ = load_run_params(args.checkpoint, args.step)
+            tok = Path(args.checkpoint) / "tokenizer.model"
+            out = save_hf_checkpoint(args.out, config, params, Tokenizer(tok) if tok.is_file() else None,
+                                     int(args.max_shard_gb * (1 << 30)))
+        else:
+            config, params = load_hf_checkpoint(args.checkpoint)
+            tok = Path(args.checkpoint) / "tokenizer.model"
+            if not tok.is_file():
+                raise CheckpointError(f"{args.checkpoint}: no tokenizer.model (a SentencePiece model is required)")
+            out = save_imported(args.out, config, params, Tokenizer(tok))
+    except (CheckpointError, ResumeError, TokenizerError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -105,7 +105,7 @@ def _tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None) 
 
             texts = conversation_texts(corpus)
         tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
-    if tok.vocab_size != config.model.vocab_size:
+    if tok.vocab_size > config.model.vocab_size:  # fewer is fine: padded vocabularies leave rows unused
         raise ConfigError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but model.vocab_size="
                           f"{config.model.vocab_size}; set --model.vocab_size={tok.vocab_size}")
     return tok
@@ -123,7 +123,7 @@ def _init_weights(config: RunConfig):
     else:
         raise ConfigError(f"train.init_from={src}: neither a run directory (with checkpoints/) nor a Hugging Face "
                           "directory (with config.json)")
-    keep = {f: getattr(config.model, f) for f in ("dtype", "attention_impl", "remat")}
+    keep = {f: getattr(config.model, f) for f in ("dtype", "attention_impl", "remat", "scan_layers")}
     return src, model_config.replace(**keep), params
 
 
@@ -151,9 +151,33 @@ def load_run_params(run_dir, step: int | None = None):
     return run_config.model, state.params, meta | {"step": step}
 
 
+def save_imported(run_dir, model_config, params, tok: Tokenizer) -> Path:
+    """Writes weights from elsewhere (e.g. Hugging Face) as step 0 of a new run directory, with a fresh optimizer
+    state, so that generate.py, train.py --init-from and --resume can use it."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints").is_dir():
+        raise ConfigError(f"{run_dir} already has checkpoints; choose a new directory")
+    if tok.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"{tok.model_file}: {tok.vocab_size} pieces, more than the model's vocabulary "
+                          f"{model_config.vocab_size}")
+    base = load_run_config(None, [f"train.seq_len={min(256, model_config.max_seq_len)}"])
+    config = dataclasses.replace(base, model=model_config)
+    run_dir.mkdir(parents=True)
+    shutil.copyfile(tok.model_file, run_dir / "tokenizer.model")
+    dump_yaml(config, run_dir / "config.yaml")
+    state = T.init_state(model_config, config.train, jax.random.key(0), params)
+    mgr = checkpoint.manager(run_dir / "checkpoints", async_save=False)
+    meta = {"step": 0, "loader": data.LoaderState(config.train.seed).to_dict(), "config": config.to_dict(),
+            "tokenizer": checkpoint.encode_bytes(tok.model_bytes)}
+    checkpoint.save(mgr, 0, state, meta)
+    mgr.wait_until_finished()
+    mgr.close()
+    return run_dir
+
+
 def _check_compatible(saved: dict, current: RunConfig, where: Path):
     now = dataclasses.asdict(current.model)
-    keep = ("dtype", "attention_impl", "remat")  # numerics switches may change between runs
+    keep = ("dtype", "attention_impl", "remat", "scan_layers")  # execution switches may change between runs
     diff = [f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in now if k not in keep and saved.get(k) != now[k]]
     if diff:
         raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")

@@ -109,14 +109,17 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, implementation: str = "r
             implementation="cudnn" if implementation == "cudnn" else None)
     if implementation != "reference":
         raise ValueError(f"attention implementation {implementation!r} is not one of reference, jax, cudnn")
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    # Heads-major layout first: each (batch, kv head) pair is then one plain matmul over (G*T) x S, which XLA
+    # runs about twice as fast on CPU as the same einsum over the token-major layout.
+    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    scores_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
     scores_BKGTS = scores_BKGTS / math.sqrt(H)
     if mask_BTS is not None:
         scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(B, T, N, H)
+    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -197,7 +200,11 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
 
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
-    x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+    if config.scan_layers:
+        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+    else:
+        for i in range(config.n_layers):
+            x_BTD, _ = body(x_BTD, jax.tree.map(lambda w: w[i], params["layers"]))
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps)
 
 

@@ -63,3 +63,68 @@ def test_missing_files_fail_in_one_line(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(lj.CheckpointError, match="no model.safetensors"):
         lj.load_hf_checkpoint(tmp_path)
+
+
+def test_export_loads_in_transformers_with_equal_logits(tmp_path):
+    import transformers
+
+    config = lj.ModelConfig(vocab_size=120, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=80,
+                            max_seq_len=64, rope_scaling="llama3", rope_factor=4.0, rope_original_max_positions=16)
+    params = lj.init_params(config, __import__("jax").random.key(3))
+    lj.save_hf_checkpoint(tmp_path, config, params)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = np.random.RandomState(1).randint(0, 120, (2, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(lj.forward(params, jnp.asarray(tokens), config))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_to_ours_to_hf_is_bit_identical(tmp_path, tied):
+    from safetensors.numpy import load_file
+
+    make_hf_llama(tmp_path / "a", kv_heads=2, tied=tied)
+    config, params = lj.load_hf_checkpoint(tmp_path / "a")
+    lj.save_hf_checkpoint(tmp_path / "b", config, params)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    if tied:
+        a.pop("lm_head.weight", None)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_import_and_export_commands_round_trip_with_tokenizer(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llama_jax.tokenizer import train_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    hf_dir = tmp_path / "hf"
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog\n" * 50 + "0123456789 ,.!?"], 320,
+                          hf_dir / "tokenizer.model")
+    make_hf_llama(hf_dir, vocab_size=tok.vocab_size, kv_heads=2)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llama_jax.hf", *a], capture_output=True, text=True,
+                                    cwd=root)
+    r = run("import", "--checkpoint", str(hf_dir), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    r = run("export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
+    c1, p1 = lj.load_hf_checkpoint(hf_dir)
+    c2, p2 = lj.load_hf_checkpoint(tmp_path / "back")
+    assert c1 == c2
+    for a, b in zip(jax_leaves(p1), jax_leaves(p2)):
+        np.testing.assert_array_equal(a, b)
+    r = run("import", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no config.json (expected a " \
+                                                     "Hugging Face Llama checkpoint directory)"
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]

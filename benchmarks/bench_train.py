@@ -1,0 +1,116 @@
+"""Full training step (forward, backward, AdamW update) tokens/s and MFU: llama_jax against
+transformers.LlamaForCausalLM + torch.optim.AdamW (eager and torch.compile), same shapes, same machine, one run.
+
+    python benchmarks/bench_train.py [--presets stories15M stories110M] [--repeat 5] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import llama_jax as lj  # noqa: E402
+from benchmarks.common import hf_model, machine, table, timeit  # noqa: E402
+from llama_jax import train as T  # noqa: E402
+from llama_jax.config import TrainConfig  # noqa: E402
+
+SHAPES = {"stories15M": (8, 256), "stories110M": (4, 512)}
+
+
+def ours(config, batch, seq, repeat):
+    train = TrainConfig(batch_size=batch, seq_len=seq, warmup_steps=0, steps=1000)
+    state = T.init_state(config, train, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
+    b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "positions": np.tile(np.arange(seq, dtype=np.int32),
+         (batch, 1)), "segment_ids": np.ones((batch, seq), np.int32), "loss_mask": np.ones((batch, seq), np.float32)}
+    b = jax.tree.map(jnp.asarray, b)
+    step, _ = T.jit_steps(config, train)
+    t0 = time.perf_counter()
+    step = step.lower(state, b).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [state]
+
+    def run():
+        holder[0], m = step(holder[0], b)
+        jax.block_until_ready(m)
+
+    return timeit(run, warmup=2, repeat=repeat), compile_s
+
+
+def torch_step(config, batch, seq, repeat, compiled, bf16=False):
+    import torch
+
+    model = hf_model(config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    toks = torch.randint(0, config.vocab_size, (batch, seq + 1))
+    x, y = toks[:, :-1], toks[:, 1:]
+
+    def loss_fn(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x).logits
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    fwd = torch.compile(loss_fn) if compiled else loss_fn
+
+    def run():
+        loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    run()  # for torch.compile, the first call compiles
+    compile_s = time.perf_counter() - t0
+    return timeit(run, warmup=1, repeat=repeat), compile_s
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--presets", nargs="+", default=list(SHAPES))
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
+    p.add_argument("--bf16", action="store_true", help="also bfloat16 compute (ours) vs torch.autocast bf16")
+    args = p.parse_args()
+    import torch
+
+    peak = T.measure_peak_flops("float32")
+    print(f"machine: {machine()}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads); measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    rows = []
+    for preset in args.presets:
+        config = lj.load_model_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
+        batch, seq = SHAPES.get(preset, (4, 256))
+        tokens = batch * seq
+        flops = lj.flops_per_token(config, seq) * tokens
+        results = {"llama_jax (scan layers)": ours(config, batch, seq, args.repeat),
+                   "llama_jax (unrolled layers)": ours(config.replace(scan_layers=False), batch, seq, args.repeat),
+                   "PyTorch eager": torch_step(config, batch, seq, args.repeat, False)}
+        if not args.no_compile:
+            results["torch.compile"] = torch_step(config, batch, seq, args.repeat, True)
+        if args.bf16:
+            results["llama_jax bf16 (unrolled)"] = ours(config.replace(scan_layers=False, dtype="bfloat16"), batch,
+                                                        seq, args.repeat)
+            results["PyTorch eager bf16 autocast"] = torch_step(config, batch, seq, args.repeat, False, bf16=True)
+        base = results["PyTorch eager"][0]
+        for name, (sec, comp) in results.items():
+            rows.append([preset, f"{batch}x{seq}", name, f"{tokens / sec:,.0f}", f"{100 * flops / sec / peak:.1f}%",
+                         f"{base / sec:.2f}x", f"{comp:.1f}s"])
+        print(rows[-len(results):], flush=True)
+    print(table("Training step: forward + backward + AdamW (float32 unless marked bf16; MFU against the measured "
+                "float32 matmul peak)",
+                ["preset", "batch", "implementation", "tokens/s", "MFU", "vs eager", "compile / first step"], rows))
+
+
+if __name__ == "__main__":
+    main()

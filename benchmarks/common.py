@@ -1,0 +1,64 @@
+"""Shared helpers for the benchmark scripts: timing, the PyTorch reference model, table printing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def timeit(fn, warmup: int = 1, repeat: int = 5) -> float:
+    """Median seconds per call of fn() (which must block until its work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+
+
+def hf_model(config, seed: int = 0):
+    """transformers.LlamaForCausalLM with our config's shape (float32, CPU) and the same weights as ours."""
+    import torch
+    import transformers
+
+    from llama_jax.hf import config_to_hf
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, attn_implementation="sdpa"))
+    return model
+
+
+def load_ours_into_hf(model, config, params):
+    import torch
+
+    from llama_jax.hf import hf_state_dict
+
+    state = {k: torch.from_numpy(v) for k, v in hf_state_dict(config, params).items()}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
+    out = [f"\n### {title}", "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
