@@ -23,7 +23,7 @@ from llama_jax.config import ModelConfig
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: dict  # {"k", "v": [L, B, S, K, H]} (model.init_cache) plus "lengths": int32 [B], slots filled per row
+    cache: dict  # {"k", "v": L arrays [B, S, K, H]} (model.init_cache) plus "lengths": int32 [B], slots filled
     last_B: jax.Array  # int32 [B]: the token to feed next
     out_BM: jax.Array  # int32 [B, max_new_tokens]: generated tokens
     i: jax.Array  # int32: how many have been generated per row
@@ -68,7 +68,7 @@ def prefill(params, tokens_BP, lengths_B, config: ModelConfig, sampler: Sampler,
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     # Padding past a row's length is written to slots that the row's own new tokens overwrite before any query
     # can see them (a query at position p only attends to slots <= p).
-    h_BPD, cache = model.hidden_cached(params, tokens_BP, positions_BP, cache, config, scan_layers=True)
+    h_BPD, cache = model.hidden_cached(params, tokens_BP, positions_BP, cache, config, scan_layers=False)
     h_BD = h_BPD[jnp.arange(B), lengths_B - 1]
     logits_BV = model.lm_head(h_BD, model.head_weight(params, config).astype(h_BD.dtype))
     seen = None
@@ -82,26 +82,25 @@ def prefill(params, tokens_BP, lengths_B, config: ModelConfig, sampler: Sampler,
     return _record(state, sampler(logits_BV, sub, seen), sampler)
 
 
-def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sampler,
-                scan_layers: bool = False) -> DecodeState:
-    """Feeds each row's last token at its own position, then samples the next one."""
+def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sampler) -> DecodeState:
+    """Feeds each row's last token at its own position, then samples the next one. `params` should come from
+    model.unstack_layers (see there why)."""
     positions_B1 = state.cache["lengths"][:, None]
     kv = {"k": state.cache["k"], "v": state.cache["v"]}
-    # Layers unrolled, not scanned: a scan carries the whole cache through each iteration, which measured about
-    # twice as slow per token on CPU for stories110M (see docs/benchmarks.md).
-    h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers)
+    # Layers unrolled over per-layer weights, each layer's cache slab updated in place (a scan would slice the
+    # stacked weights and carry the whole cache; see docs/benchmarks.md for the measured difference).
+    h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers=False)
     logits_BV = model.lm_head(h_B1D[:, 0], model.head_weight(params, config).astype(h_B1D.dtype))
     key, sub = jax.random.split(state.key)
     state = state.replace(cache={**kv, "lengths": state.cache["lengths"] + 1}, key=key)
     return _record(state, sampler(logits_BV, sub, state.seen_BV), sampler)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "max_len", "max_new_tokens", "scan_layers"))
-def _generate_jit(params, tokens_BP, lengths_B, key, config, sampler, max_len, max_new_tokens, scan_layers=False):
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "max_len", "max_new_tokens"))
+def _generate_jit(params, tokens_BP, lengths_B, key, config, sampler, max_len, max_new_tokens):
     state = prefill(params, tokens_BP, lengths_B, config, sampler, max_len, max_new_tokens, key)
     cond = lambda s: (s.i < max_new_tokens) & ~jnp.all(s.done_B)
-    step = lambda s: decode_step(params, s, config, sampler, scan_layers)
-    return jax.lax.while_loop(cond, step, state).out_BM
+    return jax.lax.while_loop(cond, lambda s: decode_step(params, s, config, sampler), state).out_BM
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("config", "sampler", "max_len", "max_new_tokens"))
@@ -149,6 +148,7 @@ def generate(params, config: ModelConfig, prompts: list[list[int]], *, max_new_t
     sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
     tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
     sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
+    params = model.unstack_layers(params)
     out = _generate_jit(params, tokens, lengths, jax.random.key(seed), config, sampler, max_len, max_new_tokens)
     return [_trim(row, sampler.stop_tokens) for row in np.asarray(out)]
 
@@ -161,6 +161,7 @@ def stream(params, config: ModelConfig, prompts: list[list[int]], *, max_new_tok
     sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
     tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
     sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
+    params = model.unstack_layers(params)
     state = _prefill_jit(params, tokens, lengths, config, sampler, max_len, max_new_tokens, jax.random.key(seed))
     for i in range(max_new_tokens):
         if i > 0:

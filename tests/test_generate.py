@@ -38,9 +38,13 @@ def hf_dir(tmp_path_factory):
 
 
 def greedy_by_full_forward(params, config, prompt, n):
+    """No cache: the whole sequence through forward at every step (padded to a fixed length, which causality
+    makes harmless, so there is one compilation)."""
+    full = jax.jit(lambda t: lj.forward(params, t, config))
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(lj.forward(params, jnp.array([seq]), config)[0, -1])))
+        padded = jnp.array([seq + [0] * (len(prompt) + n - len(seq))])
+        seq.append(int(jnp.argmax(full(padded)[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
