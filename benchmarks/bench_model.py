@@ -95,8 +95,8 @@ def main():
                 ["implementation", "forward tok/s", "vs eager", "fwd+bwd tok/s", "vs eager"], rows))
     shallow = config.replace(n_layers=2)
     deep = config.replace(n_layers=32)
-    rows = [[f"{c.n_layers} layers", f"{compile_seconds(c):.1f}s", f"{compile_seconds(c.replace(scan_layers=False)):.1f}s"]
-            for c in (shallow, deep)]
+    rows = [[f"{c.n_layers} layers", f"{compile_seconds(c):.1f}s",
+             f"{compile_seconds(c.replace(scan_layers=False)):.1f}s"] for c in (shallow, deep)]
     print(table(f"Compile time of the train step ({args.preset} width)", ["depth", "scan (default)", "unrolled"],
                 rows))
 

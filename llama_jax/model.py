@@ -17,7 +17,7 @@ The parameter pytree (a plain dict; weights are [in, out] so y = x @ w; layers s
   final_norm     [D]
   lm_head        [D, V]      absent when config.tie_embeddings
 
-The KV cache used by sampling is a dict {"k": [L arrays [B, S, K, H]], "v": [same]} in the compute dtype; slot s
+The KV cache used by sampling is a dict {"k": [L arrays [B, K, S, H]], "v": [same]} in the compute dtype; slot s
 of row b holds the key/value of that row's token at position s.
 """
 
@@ -109,15 +109,21 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, implementation: str = "r
             implementation="cudnn" if implementation == "cudnn" else None)
     if implementation != "reference":
         raise ValueError(f"attention implementation {implementation!r} is not one of reference, jax, cudnn")
-    # Heads-major layout first: each (batch, kv head) pair is then one plain matmul over (G*T) x S, which XLA
-    # runs about twice as fast on CPU as the same einsum over the token-major layout.
+    # Heads-major layout: each (batch, kv head) pair is then one plain matmul over (G*T) x S, which XLA runs about
+    # twice as fast on CPU as the same einsum over the token-major layout.
+    return _attend_heads_major(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS)
+
+
+def _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
+    """The reference attention over keys/values laid out [B, K, S, H] (the KV cache's layout)."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     scores_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
     scores_BKGTS = scores_BKGTS / math.sqrt(H)
     if mask_BTS is not None:
         scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _NEG_INF)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
     out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -142,7 +148,7 @@ def head_weight(params, config: ModelConfig):
 
 
 def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None):
-    """One transformer block. With kv_cache=(k_BSKH, v_BSKH), this step's keys/values are written into the cache
+    """One transformer block. With kv_cache=(k_BKSH, v_BKSH), this step's keys/values are written into the cache
     at their positions first and attention runs over the whole cache; returns (x, new_cache)."""
     B, T, _ = x_BTD.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
@@ -150,12 +156,18 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, 
     q_BTNH = apply_rope((h_BTD @ layer["wq"]).reshape(B, T, N, H), positions_BT, inv_freq)
     k_BTKH = apply_rope((h_BTD @ layer["wk"]).reshape(B, T, K, H), positions_BT, inv_freq)
     v_BTKH = (h_BTD @ layer["wv"]).reshape(B, T, K, H)
-    if kv_cache is not None:
+    if kv_cache is None:
+        attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl)
+    else:  # write this step's keys/values at their positions of the [B, K, S, H] cache, then attend to it all
         rows_B1 = jnp.arange(B)[:, None]
-        k_BTKH = kv_cache[0].at[rows_B1, positions_BT].set(k_BTKH.astype(kv_cache[0].dtype), mode="drop")
-        v_BTKH = kv_cache[1].at[rows_B1, positions_BT].set(v_BTKH.astype(kv_cache[1].dtype), mode="drop")
-        kv_cache = (k_BTKH, v_BTKH)
-    attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl)
+        k_BKSH = kv_cache[0].at[rows_B1, :, positions_BT].set(k_BTKH.astype(kv_cache[0].dtype), mode="drop")
+        v_BKSH = kv_cache[1].at[rows_B1, :, positions_BT].set(v_BTKH.astype(kv_cache[1].dtype), mode="drop")
+        kv_cache = (k_BKSH, v_BKSH)
+        if config.attention_impl == "reference":
+            attn_BTNH = _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
+        else:
+            attn_BTNH = attention(q_BTNH, k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3), mask_BTS,
+                                  implementation=config.attention_impl)
     x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["wo"]
     h_BTD = rms_norm(x_BTD, layer["ffn_norm"], config.norm_eps)
     x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"])
@@ -215,9 +227,10 @@ def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_i
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):
-    """An empty KV cache {"k": [...], "v": [...]}: one [B, max_len, K, H] array per layer, in the compute dtype.
-    Per-layer arrays (not one stacked [L, ...] array) let a decode step update each layer's slab in place."""
-    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    """An empty KV cache {"k": [...], "v": [...]}: one [B, K, max_len, H] array per layer, in the compute dtype.
+    Per-layer arrays (not one stacked [L, ...] array) let a decode step update each layer's slab in place, and
+    the heads-major layout lets attention read it without transposing (copying) the whole cache every step."""
+    shape = (batch, config.n_kv_heads, max_len, config.head_dim)
     zeros = lambda: [jnp.zeros(shape, config.dtype) for _ in range(config.n_layers)]
     return {"k": zeros(), "v": zeros()}
 
@@ -232,7 +245,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
     stays flat in depth)."""
     _check_tokens(tokens_BT, positions_BT, None)
     dtype = jnp.dtype(config.dtype)
-    S = cache["k"][0].shape[1]
+    S = cache["k"][0].shape[2]
     mask_BTS = causal_mask(positions_BT, jnp.broadcast_to(jnp.arange(S), (tokens_BT.shape[0], S)))
     inv_freq = _inv_freq(config)
     x_BTD = params["embed"][tokens_BT].astype(dtype)

@@ -7,9 +7,10 @@ Batches are split over ("data", "fsdp"). XLA inserts the collectives; the model 
 
 from __future__ import annotations
 
-import numpy as np
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llama_jax.config import ConfigError
 

@@ -27,7 +27,8 @@ def test_invalid_model_config_names_the_field(kwargs, message):
 
 
 def test_overrides_are_type_checked_and_name_the_key():
-    raw = cfg.apply_overrides({"model": {"dim": 64, "n_heads": 4}}, ["model.n_layers=3", "model.dtype=bfloat16"], ("model",))
+    overrides = ["model.n_layers=3", "model.dtype=bfloat16"]
+    raw = cfg.apply_overrides({"model": {"dim": 64, "n_heads": 4}}, overrides, ("model",))
     c = cfg.build(lj.ModelConfig, raw["model"], "model")
     assert c.n_layers == 3 and c.dtype == "bfloat16" and c.dim == 64
     with pytest.raises(lj.ConfigError, match=r"model.n_layers='three': expected an integer"):

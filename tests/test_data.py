@@ -95,7 +95,8 @@ def test_one_epoch_covers_windows_without_overlap(prepared):
     seq, bs = 16, 3
     loader = Loader(prepared, seq, bs, LoaderState(seed=3), prefetch=0)
     seen = []
-    for _, (batch, state) in zip(range(loader.batches_per_epoch), loader):
+    state = None
+    for _, (batch, state) in zip(range(loader.batches_per_epoch), loader):  # noqa: B007 (state read after)
         seen += [tuple(row) for row in batch["tokens"]]
     assert state == LoaderState(3, 1, 0)
     n = loader.batches_per_epoch * bs
