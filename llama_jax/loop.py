@@ -194,6 +194,11 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
     if has_ckpt and not resume:
         raise ConfigError(f"{run_dir} already has checkpoints; pass --resume to continue, or choose another --run-dir")
     mesh = sharding.make_mesh(config.train.mesh)  # fails fast, before any data work
+    micro, ways = config.train.batch_size // config.train.grad_accum, sharding.batch_size_divisor(mesh)
+    if micro % ways or config.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={config.train.batch_size} / grad_accum={config.train.grad_accum} = "
+                          f"{micro} sequences per micro-batch must be divisible by the mesh's data x fsdp = {ways} "
+                          f"and by the {jax.process_count()} processes")
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
@@ -219,9 +224,6 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
                      utf8_errors=config.data.utf8_errors, progress=is_main)
     train_split, val_split = data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
 
-    if tc.batch_size % (sharding.batch_size_divisor(mesh) * tc.grad_accum) and tc.grad_accum == 1:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the mesh's data x fsdp = "
-                          f"{sharding.batch_size_divisor(mesh)}")
     abstract = jax.eval_shape(lambda: T.init_state(mc, tc, jax.random.key(tc.seed)))
     state_shard = sharding.state_shardings(abstract, sharding.param_specs(abstract.params, mesh), mesh)
     batch_shard = sharding.batch_sharding(mesh)
