@@ -86,7 +86,7 @@ class TextStream:
 def _summary(n_prompt: int, prefill_s: float, n_new: int, decode_s: float) -> str:
     rate = lambda n, s: f"{n / s:.1f} tok/s" if s > 0 else "n/a"
     return (f"prefill: {n_prompt} tokens in {prefill_s:.2f}s ({rate(n_prompt, prefill_s)}, includes compilation); "
-            f"decode: {n_new} tokens in {decode_s:.2f}s ({rate(n_new, decode_s)}, after the first step)")
+            f"decode: {n_new} tokens in {decode_s:.2f}s ({rate(n_new, decode_s)}, after the compiling first step)")
 
 
 def run(args) -> None:
@@ -124,20 +124,19 @@ def run(args) -> None:
 def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> None:
     print(prompt_text, end="", flush=True)
     out = TextStream(tok)
-    t0 = time.perf_counter()
-    n, t_first = 0, None
+    times = [time.perf_counter()]  # start, then the arrival of each token
     for token in stream(params, config, [prompt], stop_tokens=stops, **sampling):
         token = int(token[0])
-        if t_first is None:
-            t_first = time.perf_counter()
+        times.append(time.perf_counter())
         if token < 0 or token in stops:
             break
         out.write(token)
-        n += 1
     out.close()
     print()
-    t_end = time.perf_counter()
-    print(_summary(len(prompt), (t_first or t_end) - t0, max(n - 1, 0), t_end - (t_first or t_end)),
+    # The first token comes from the prefill and the second from the first (compiling) decode step: the decode
+    # rate counts the steps after those.
+    n_decode = max(len(times) - 3, 0)
+    print(_summary(len(prompt), times[1] - times[0], n_decode, times[-1] - times[2] if n_decode else 0.0),
           file=sys.stderr)
 
 
