@@ -35,10 +35,6 @@ def encode_bytes(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_bytes(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"))
-
-
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
