@@ -143,8 +143,9 @@ def lm_head(x, w):
 
 
 def head_weight(params, config: ModelConfig):
-    """The [D, V] matrix of the LM head (the transposed embedding when tied)."""
-    return params["embed"].T if config.tie_embeddings else params["lm_head"]
+    """The [D, V] matrix of the LM head (the transposed embedding when tied, unless unstack_layers has already
+    laid out a transposed copy)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"].T
 
 
 def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None):
@@ -275,7 +276,10 @@ def unstack_layers(params):
     if isinstance(params["layers"], list):
         return params
     n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda w: w[i], params["layers"]) for i in range(n)]}
+    out = {**params, "layers": [jax.tree.map(lambda w: w[i], params["layers"]) for i in range(n)]}
+    if "lm_head" not in params:  # tied: a contiguous [D, V] copy, so no step multiplies by a transposed view
+        out["lm_head"] = params["embed"].T
+    return out
 
 
 def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
