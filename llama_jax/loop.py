@@ -308,12 +308,14 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
                 writer.write(step, {"val_loss": val_loss, "val_ppl": np.exp(min(val_loss, 50)),
                                     "tokens_seen": step * tc.batch_size * tc.seq_len})
                 bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {np.exp(min(val_loss, 50)):.2f})")
+                t_mark, tokens_mark = time.perf_counter(), step  # evaluation time is not training throughput
             if step % tc.save_every == 0 or step == tc.steps or stop.signal is not None:
                 if pending is not None:
                     _log(*pending, writer, bar, tc)  # also checks the loss is finite before saving
                     pending = None
                 save(step)
                 last_saved = step
+                t_mark, tokens_mark = time.perf_counter(), step
         if pending is not None:
             _log(*pending, writer, bar, tc)
         if stop.signal is not None and last_saved != step:
