@@ -139,16 +139,23 @@ def _trim(row, stop_tokens) -> list[int]:
     return out
 
 
+def _prepare(params, config, prompts, max_new_tokens, temperature, top_k, top_p, min_p, stop_tokens,
+             repetition_penalty):
+    """Checks the arguments, pads the prompts and lays the weights out for decoding (shared by generate/stream)."""
+    sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
+    tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
+    sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
+    return model.unstack_layers(params), tokens, lengths, max_len, sampler
+
+
 def generate(params, config: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, seed: int = 0, stop_tokens=(), repetition_penalty: float | None = None
              ) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each list ending at (and including) its first
     stop token. temperature=0 is greedy. The whole generation is one jitted prefill + lax.while_loop."""
-    sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
-    tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
-    sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
-    params = model.unstack_layers(params)
+    params, tokens, lengths, max_len, sampler = _prepare(params, config, prompts, max_new_tokens, temperature, top_k,
+                                                         top_p, min_p, stop_tokens, repetition_penalty)
     out = _generate_jit(params, tokens, lengths, jax.random.key(seed), config, sampler, max_len, max_new_tokens)
     return [_trim(row, sampler.stop_tokens) for row in np.asarray(out)]
 
@@ -158,10 +165,8 @@ def stream(params, config: ModelConfig, prompts: list[list[int]], *, max_new_tok
            min_p: float | None = None, seed: int = 0, stop_tokens=(), repetition_penalty: float | None = None
            ) -> Iterator[np.ndarray]:
     """Yields int32 [B] tokens step by step (-1 for rows already stopped); same tokens as `generate`."""
-    sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
-    tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
-    sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
-    params = model.unstack_layers(params)
+    params, tokens, lengths, max_len, sampler = _prepare(params, config, prompts, max_new_tokens, temperature, top_k,
+                                                         top_p, min_p, stop_tokens, repetition_penalty)
     state = _prefill_jit(params, tokens, lengths, config, sampler, max_len, max_new_tokens, jax.random.key(seed))
     for i in range(max_new_tokens):
         if i > 0:

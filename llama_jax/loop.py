@@ -98,12 +98,13 @@ def _tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None) 
     elif jax.process_index() == 0 or not target.is_file():
         print(f"training a {config.data.tokenizer_type} tokenizer (vocab {config.model.vocab_size}) on the corpus",
               file=sys.stderr)
-        texts = (t for _, t in data.iter_documents(corpus, config.data.text_field, config.data.separator,
-                                                   config.data.utf8_errors))
         if config.data.format == "chat":
             from llama_jax.chat import conversation_texts
 
             texts = conversation_texts(corpus)
+        else:
+            texts = (t for _, t in data.iter_documents(corpus, config.data.text_field, config.data.separator,
+                                                       config.data.utf8_errors))
         tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
     if tok.vocab_size > config.model.vocab_size:  # fewer is fine: padded vocabularies leave rows unused
         raise ConfigError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but model.vocab_size="
