@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
-ATTENTION_IMPLS = ("reference", "jax", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "jax", "cudnn")
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 DTYPES = ("float32", "bfloat16")
 
@@ -42,7 +42,8 @@ class ModelConfig:
     rope_original_max_positions: int = 8192  # "llama3" only: the context length before scaling
     tie_embeddings: bool = False  # the LM head reuses the embedding matrix
     dtype: str = "float32"  # compute dtype; parameters stay float32 and logits are float32
-    attention_impl: str = "reference"  # "reference" (plain XLA), "jax" (jax.nn.dot_product_attention), "cudnn"
+    attention_impl: str = "auto"  # "auto": cuDNN's fused kernel on GPU in 16-bit, else "reference" (plain XLA);
+    #                                or force "reference", "jax" (jax.nn.dot_product_attention's choice), "cudnn"
     remat: str = "none"  # what the backward pass keeps: "none" (all), "full" (nothing), "save_matmuls"
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth); False unrolls them,
     #                           which runs ~20% faster for small models on CPU at the price of longer compiles

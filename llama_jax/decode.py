@@ -145,7 +145,7 @@ def _prepare(params, config, prompts, max_new_tokens, temperature, top_k, top_p,
     sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
     tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
     sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
-    return model.unstack_layers(params), tokens, lengths, max_len, sampler
+    return model.unstack_layers(params, config.dtype), tokens, lengths, max_len, sampler
 
 
 def generate(params, config: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,

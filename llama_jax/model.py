@@ -92,23 +92,34 @@ def causal_mask(q_positions_BT, kv_positions_BS, q_segment_ids_BT=None, kv_segme
     return mask
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, implementation: str = "reference"):
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, implementation: str = "auto", is_causal: bool = False):
     """Grouped-query attention (K divides N) with a boolean mask (True = may attend; None = no masking).
 
-    Build the usual causal / document mask with `causal_mask`. "reference" is plain XLA: K/V heads are not
-    repeated; each group of G = N/K query heads reads its shared K/V head through an einsum. Scores and softmax
-    are float32. "jax" and "cudnn" call jax.nn.dot_product_attention (cuDNN's fused kernel on GPU).
+    Build the usual causal / document mask with `causal_mask`, or pass is_causal=True (T == S, query i sees keys
+    0..i) so that fused kernels skip the masked blocks instead of reading a dense mask. "reference" is plain XLA:
+    K/V heads are not repeated; each group of G = N/K query heads reads its shared K/V head through an einsum.
+    Scores and softmax are float32. "jax" and "cudnn" call jax.nn.dot_product_attention ("jax" lets JAX choose,
+    which today means its unfused XLA version; "cudnn" is cuDNN's fused kernel, GPU and 16-bit inputs only).
+    "auto" is "cudnn" where that kernel applies and "reference" everywhere else.
     """
     B, T, N, H = q_BTNH.shape
     _, S, K, _ = k_BSKH.shape
     assert k_BSKH.shape == v_BSKH.shape == (B, S, K, H) and N % K == 0, (q_BTNH.shape, k_BSKH.shape)
     assert mask_BTS is None or mask_BTS.shape == (B, T, S), mask_BTS.shape
+    assert not is_causal or T == S, f"is_causal needs as many queries as keys, got {T} and {S}"
+    if implementation == "auto":
+        fused = jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+        implementation = "cudnn" if fused else "reference"
     if implementation in ("jax", "cudnn"):
         return jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None],
+            q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None], is_causal=is_causal,
             implementation="cudnn" if implementation == "cudnn" else None)
     if implementation != "reference":
-        raise ValueError(f"attention implementation {implementation!r} is not one of reference, jax, cudnn")
+        raise ValueError(f"attention implementation {implementation!r} is not one of auto, reference, jax, cudnn")
+    if is_causal:
+        index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        causal_BTS = causal_mask(index_BT, index_BT)
+        mask_BTS = causal_BTS if mask_BTS is None else mask_BTS & causal_BTS
     # Heads-major layout: each (batch, kv head) pair is then one plain matmul over (G*T) x S, which XLA runs about
     # twice as fast on CPU as the same einsum over the token-major layout.
     return _attend_heads_major(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS)
@@ -158,17 +169,17 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, 
     k_BTKH = apply_rope((h_BTD @ layer["wk"]).reshape(B, T, K, H), positions_BT, inv_freq)
     v_BTKH = (h_BTD @ layer["wv"]).reshape(B, T, K, H)
     if kv_cache is None:
-        attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl)
+        # mask_BTS None means plain causal (no packed documents): fused kernels then skip the masked blocks.
+        attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl,
+                              is_causal=mask_BTS is None)
     else:  # write this step's keys/values at their positions of the [B, K, S, H] cache, then attend to it all
         rows_B1 = jnp.arange(B)[:, None]
         k_BKSH = kv_cache[0].at[rows_B1, :, positions_BT].set(k_BTKH.astype(kv_cache[0].dtype), mode="drop")
         v_BKSH = kv_cache[1].at[rows_B1, :, positions_BT].set(v_BTKH.astype(kv_cache[1].dtype), mode="drop")
         kv_cache = (k_BKSH, v_BKSH)
-        if config.attention_impl == "reference":
-            attn_BTNH = _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
-        else:
-            attn_BTNH = attention(q_BTNH, k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3), mask_BTS,
-                                  implementation=config.attention_impl)
+        # Always the heads-major reference over the cache, whatever attention_impl says: a fused kernel would need
+        # the cache transposed (copied) every step, and a one-token query gains nothing from it.
+        attn_BTNH = _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
     x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["wo"]
     h_BTD = rms_norm(x_BTD, layer["ffn_norm"], config.norm_eps)
     x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"])
@@ -203,7 +214,8 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     positions_BT = index_BT if positions_BT is None else positions_BT
     # Causality is by index within the window; positions (which may restart per document) only drive RoPE.
-    mask_BTS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    # Without segment ids the mask is plain causal and is left to the attention kernel (None).
+    mask_BTS = None if segment_ids_BT is None else causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
     inv_freq = _inv_freq(config)
     x_BTD = params["embed"].astype(dtype)[tokens_BT]
 
@@ -269,16 +281,21 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps), {**cache, "k": ks, "v": vs}
 
 
-def unstack_layers(params):
+def unstack_layers(params, dtype=None):
     """The same parameters with "layers" as a list of per-layer dicts (a copy). XLA:CPU copies a slice of a
     stacked weight before each matmul, which for one-token decode steps costs more than the matmuls (stories110M:
-    100 ms vs 14 ms per step), so decoding reads per-layer arrays."""
-    if isinstance(params["layers"], list):
-        return params
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    out = {**params, "layers": [jax.tree.map(lambda w: w[i], params["layers"]) for i in range(n)]}
+    100 ms vs 14 ms per step), so decoding reads per-layer arrays. With `dtype`, the layers, embedding and LM head
+    are cast once here (the forward would cast them the same way inside every step, reading float32 each time);
+    the final norm stays as it is, as in `forward`."""
+    out = dict(params)
+    if not isinstance(params["layers"], list):
+        n = jax.tree.leaves(params["layers"])[0].shape[0]
+        out["layers"] = [jax.tree.map(lambda w: w[i], params["layers"]) for i in range(n)]
     if "lm_head" not in params:  # tied: a contiguous [D, V] copy, so no step multiplies by a transposed view
         out["lm_head"] = params["embed"].T
+    if dtype is not None:
+        for name in ("layers", "embed", "lm_head"):
+            out[name] = jax.tree.map(lambda w: w.astype(dtype), out[name])
     return out
 
 

@@ -60,8 +60,9 @@ def cross_entropy(h_NTD, w_DV, targets_NT, mask_NT, chunk: int):
 
 
 def loss_sums(params, batch, config: ModelConfig, train: TrainConfig):
-    """(objective summed over tokens, (ce sum, z sum, token count)) for one (micro-)batch."""
-    h = model.hidden_states(params, batch["tokens"], config, batch["positions"], batch["segment_ids"])
+    """(objective summed over tokens, (ce sum, z sum, token count)) for one (micro-)batch. A batch without
+    "segment_ids" is plain causal (one document per row), which fused attention kernels handle fastest."""
+    h = model.hidden_states(params, batch["tokens"], config, batch["positions"], batch.get("segment_ids"))
     w = model.head_weight(params, config).astype(h.dtype)
     ce, z = cross_entropy(h, w, batch["targets"], batch["loss_mask"], train.loss_chunk)
     return ce + train.z_loss * z, (ce, z, jnp.sum(batch["loss_mask"]))

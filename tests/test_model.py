@@ -100,8 +100,10 @@ def test_gqa_attention_equals_repeated_heads(n_heads, n_kv_heads):
     idx = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = lj.causal_mask(idx, idx)
     expected = numpy_attention(*(np.asarray(a) for a in (q, k, v, mask)))
-    for impl in ("reference", "jax"):
+    for impl in ("reference", "jax", "auto"):
         np.testing.assert_allclose(lj.attention(q, k, v, mask, implementation=impl), expected, atol=1e-5)
+        # is_causal (what the fused kernels take instead of a dense mask) is the same causal mask
+        np.testing.assert_allclose(lj.attention(q, k, v, implementation=impl, is_causal=True), expected, atol=1e-5)
 
 
 def test_segment_ids_block_cross_document_attention():
@@ -186,9 +188,23 @@ def test_attention_impl_switch_same_logits(small_config):
     params = lj.init_params(small_config, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 97)
     seg = jnp.array([[0] * 4 + [1] * 6, [0] * 10])
-    ref = lj.forward(params, tokens, small_config, segment_ids_BT=seg)
-    fast = lj.forward(params, tokens, small_config.replace(attention_impl="jax"), segment_ids_BT=seg)
-    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+    for segment_ids in (seg, None):  # packed documents (dense mask) and plain causal (is_causal)
+        ref = lj.forward(params, tokens, small_config.replace(attention_impl="reference"), segment_ids_BT=segment_ids)
+        fast = lj.forward(params, tokens, small_config.replace(attention_impl="jax"), segment_ids_BT=segment_ids)
+        np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unstack_layers_casts_once_and_keeps_the_function(small_config):
+    config = small_config.replace(dtype="bfloat16")
+    params = lj.init_params(config, jax.random.key(0))
+    fast = model.unstack_layers(params, config.dtype)
+    assert len(fast["layers"]) == config.n_layers and fast["final_norm"].dtype == jnp.float32
+    cast = jax.tree.leaves([fast["layers"], fast["embed"], fast["lm_head"]])
+    assert {w.dtype for w in cast} == {jnp.dtype("bfloat16")}
+    tokens = jnp.array([[3, 1, 4, 1, 5]])
+    pos = jnp.broadcast_to(jnp.arange(5), (1, 5))
+    logits = [lj.forward_cached(p, tokens, pos, lj.init_cache(config, 1, 8), config)[0] for p in (params, fast)]
+    np.testing.assert_array_equal(logits[0], logits[1])  # casting inside each step or once before: same numbers
 
 
 def test_packed_documents_equal_separate_forwards(small_config):
