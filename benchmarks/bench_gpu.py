@@ -256,6 +256,8 @@ def main():
         ("llama_jax, remat none", "ours-train", ["--remat", "none"]),
         ("llama_jax, packed documents (dense mask)", "ours-train", ["--remat", "save_matmuls", "--packed"]),
         ("PyTorch eager (autocast bf16, SDPA)", "torch-train", [])]
+    if variants and not args.no_compile:
+        variants.append(("torch.compile (autocast bf16, SDPA)", "torch-train", ["--compile"]))
     tokens = args.batch * args.seq
     flops = None
     for name, part, extra in variants:
