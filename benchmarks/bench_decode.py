@@ -32,7 +32,7 @@ def ours_generate(params, config, batch, prompt_len, new):
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     max_len = -(-(tokens.shape[1] + new) // 64) * 64
     sampler = decode.Sampler(temperature=0.0)
-    params = model.unstack_layers(params)  # what lj.generate does before its jitted loop
+    params = model.unstack_layers(params, config.dtype)  # what lj.generate does before its jitted loop
     run = lambda n: decode._generate_jit(params, tokens, lengths, jax.random.key(0), config, sampler, max_len,
                                          n).block_until_ready()
     t_full = timeit(lambda: run(new), warmup=1, repeat=3)
