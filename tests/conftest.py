@@ -2,6 +2,9 @@ import os
 
 # Multi-device tests need several host devices; set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# On a GPU, JAX would otherwise take 75% of its memory up front, leaving too little for the train.py /
+# generate.py subprocesses that the CLI tests start (seen on an H100: allocator errors in their stderr).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
