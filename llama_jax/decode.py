@@ -70,7 +70,7 @@ def prefill(params, tokens_BP, lengths_B, config: ModelConfig, sampler: Sampler,
     # can see them (a query at position p only attends to slots <= p).
     h_BPD, cache = model.hidden_cached(params, tokens_BP, positions_BP, cache, config, scan_layers=False)
     h_BD = h_BPD[jnp.arange(B), lengths_B - 1]
-    logits_BV = model.lm_head(h_BD, model.head_weight(params, config).astype(h_BD.dtype))
+    logits_BV = model.logits(params, h_BD, config)
     seen = None
     if sampler.repetition_penalty not in (None, 1.0):
         valid_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
@@ -90,7 +90,7 @@ def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sample
     # Layers unrolled over per-layer weights, each layer's cache slab updated in place (a scan would slice the
     # stacked weights and carry the whole cache; see docs/benchmarks.md for the measured difference).
     h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers=False)
-    logits_BV = model.lm_head(h_B1D[:, 0], model.head_weight(params, config).astype(h_B1D.dtype))
+    logits_BV = model.logits(params, h_B1D[:, 0], config)
     key, sub = jax.random.split(state.key)
     state = state.replace(cache={**kv, "lengths": state.cache["lengths"] + 1}, key=key)
     return _record(state, sampler(logits_BV, sub, state.seen_BV), sampler)

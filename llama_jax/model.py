@@ -154,20 +154,37 @@ def lm_head(x, w):
 
 
 def head_weight(params, config: ModelConfig):
-    """The [D, V] matrix of the LM head (the transposed embedding when tied, unless unstack_layers has already
-    laid out a transposed copy)."""
+    """The [D, V] matrix of the LM head (the transposed embedding when tied)."""
     return params["lm_head"] if "lm_head" in params else params["embed"].T
 
 
-def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None):
+def logits(params, h_BTD, config: ModelConfig):
+    """Float32 logits [..., V] from final-normed hidden states [..., D], for either parameter layout (the training
+    layout of init_params, or the decode layout of unstack_layers with its [V, D] "head_out_in")."""
+    if "head_out_in" in params:
+        return _linear(h_BTD, params["head_out_in"].astype(h_BTD.dtype), True, jnp.float32)
+    return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype))
+
+
+def _linear(x, w, out_in: bool, preferred_element_type=None):
+    """x [..., in] times a weight stored [in, out] (training layout) or [out, in] (decode layout)."""
+    if out_in:
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=preferred_element_type)
+    return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+
+
+def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None, out_in=False):
     """One transformer block. With kv_cache=(k_BKSH, v_BKSH), this step's keys/values are written into the cache
-    at their positions first and attention runs over the whole cache; returns (x, new_cache)."""
+    at their positions first and attention runs over the whole cache; returns (x, new_cache). out_in: the layer's
+    matrices are stored [out, in] (unstack_layers' decode layout)."""
     B, T, _ = x_BTD.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
+    mm = functools.partial(_linear, out_in=out_in)
     h_BTD = rms_norm(x_BTD, layer["attn_norm"], config.norm_eps)
-    q_BTNH = apply_rope((h_BTD @ layer["wq"]).reshape(B, T, N, H), positions_BT, inv_freq)
-    k_BTKH = apply_rope((h_BTD @ layer["wk"]).reshape(B, T, K, H), positions_BT, inv_freq)
-    v_BTKH = (h_BTD @ layer["wv"]).reshape(B, T, K, H)
+    q_BTNH = apply_rope(mm(h_BTD, layer["wq"]).reshape(B, T, N, H), positions_BT, inv_freq)
+    k_BTKH = apply_rope(mm(h_BTD, layer["wk"]).reshape(B, T, K, H), positions_BT, inv_freq)
+    v_BTKH = mm(h_BTD, layer["wv"]).reshape(B, T, K, H)
     if kv_cache is None:
         # mask_BTS None means plain causal (no packed documents): fused kernels then skip the masked blocks.
         attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl,
@@ -180,9 +197,12 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, 
         # Always the heads-major reference over the cache, whatever attention_impl says: a fused kernel would need
         # the cache transposed (copied) every step, and a one-token query gains nothing from it.
         attn_BTNH = _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
-    x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["wo"]
+    x_BTD = x_BTD + mm(attn_BTNH.reshape(B, T, N * H), layer["wo"])
     h_BTD = rms_norm(x_BTD, layer["ffn_norm"], config.norm_eps)
-    x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"])
+    if out_in:
+        x_BTD = x_BTD + mm(jax.nn.silu(mm(h_BTD, layer["w_gate"])) * mm(h_BTD, layer["w_up"]), layer["w_down"])
+    else:
+        x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"])
     return x_BTD, kv_cache
 
 
@@ -236,7 +256,7 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
 def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
     """tokens int32 [B, T] -> float32 logits [B, T, V]."""
     h_BTD = hidden_states(params, tokens_BT, config, positions_BT, segment_ids_BT)
-    return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype))
+    return logits(params, h_BTD, config)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):
@@ -255,7 +275,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
 
     scan_layers=False unrolls the layers and updates each layer's cache in place: the decode step's layout.
     scan_layers=True stacks the cache for lax.scan and splits it again (one copy, fine for a prefill; compile time
-    stays flat in depth)."""
+    stays flat in depth). `params` may be in the training layout or in unstack_layers' decode layout."""
     _check_tokens(tokens_BT, positions_BT, None)
     dtype = jnp.dtype(config.dtype)
     S = cache["k"][0].shape[2]
@@ -277,32 +297,38 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
         ks, vs = list(cache["k"]), list(cache["v"])
         for i in range(config.n_layers):
             layer = layers[i] if isinstance(layers, list) else jax.tree.map(lambda w: w[i], layers)
-            x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (ks[i], vs[i]))
+            x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (ks[i], vs[i]),
+                                           out_in=isinstance(layers, list))
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps), {**cache, "k": ks, "v": vs}
 
 
+_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
 def unstack_layers(params, dtype=None):
-    """The same parameters with "layers" as a list of per-layer dicts (a copy). XLA:CPU copies a slice of a
-    stacked weight before each matmul, which for one-token decode steps costs more than the matmuls (stories110M:
-    100 ms vs 14 ms per step), so decoding reads per-layer arrays. With `dtype`, the layers, embedding and LM head
-    are cast once here (the forward would cast them the same way inside every step, reading float32 each time);
-    the final norm stays as it is, as in `forward`."""
-    out = dict(params)
-    if not isinstance(params["layers"], list):
-        n = jax.tree.leaves(params["layers"])[0].shape[0]
-        out["layers"] = [jax.tree.map(lambda w: w[i], params["layers"]) for i in range(n)]
-    if "lm_head" not in params:  # tied: a contiguous [D, V] copy, so no step multiplies by a transposed view
-        out["lm_head"] = params["embed"].T
-    if dtype is not None:
-        for name in ("layers", "embed", "lm_head"):
-            out[name] = jax.tree.map(lambda w: w.astype(dtype), out[name])
+    """The decode layout of the parameters (a copy; pass it to hidden_cached / forward_cached / logits like the
+    training layout). Measured on XLA:CPU, see docs/benchmarks.md:
+    - "layers" becomes a list of per-layer dicts: XLA:CPU copies a slice of a stacked weight before each matmul,
+      which for one-token steps cost more than the matmuls (stories110M: 100 vs 14 ms per step);
+    - matrices are stored [out, in] and the LM head is a [V, D] "head_out_in" (for tied embeddings, the embedding
+      itself, no copy): 8-row products over that layout ran 19% faster at stories110M, one-row ones no slower;
+    - with `dtype`, the layers, embedding and head are cast once here rather than inside every step (the final
+      norm stays as it is, as in `forward`)."""
+    if isinstance(params["layers"], list):
+        return params  # already in the decode layout
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    cast = (lambda w: w) if dtype is None else (lambda w: w.astype(dtype))
+    layers = [{k: cast(w[i].T if k in _MATRICES else w[i]) for k, w in params["layers"].items()} for i in range(n)]
+    out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
+    embed = cast(params["embed"])
+    out.update(layers=layers, embed=embed, head_out_in=cast(params["lm_head"].T) if "lm_head" in params else embed)
     return out
 
 
 def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
     """`hidden_cached` followed by the LM head: (float32 logits [B, T, V], cache)."""
     h_BTD, cache = hidden_cached(params, tokens_BT, positions_BT, cache, config, scan_layers)
-    return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype)), cache
+    return logits(params, h_BTD, config), cache
 
 
 def init_params(config: ModelConfig, key):
