@@ -159,19 +159,13 @@ def head_weight(params, config: ModelConfig):
 
 
 def logits(params, h_BTD, config: ModelConfig):
-    """Float32 logits [..., V] from final-normed hidden states [..., D], for either parameter layout (the training
-    layout of init_params, or the decode layout of unstack_layers with its [V, D] "head_out_in")."""
-    if "head_out_in" in params:
-        return _linear(h_BTD, params["head_out_in"].astype(h_BTD.dtype), True, jnp.float32)
+    """Float32 logits [..., V] from final-normed hidden states [..., D] (either parameter layout)."""
     return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype))
 
 
-def _linear(x, w, out_in: bool, preferred_element_type=None):
+def _linear(x, w, out_in: bool):
     """x [..., in] times a weight stored [in, out] (training layout) or [out, in] (decode layout)."""
-    if out_in:
-        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
-                                   preferred_element_type=preferred_element_type)
-    return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ()))) if out_in else x @ w
 
 
 def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None, out_in=False):
@@ -310,8 +304,9 @@ def unstack_layers(params, dtype=None):
     training layout). Measured on XLA:CPU, see docs/benchmarks.md:
     - "layers" becomes a list of per-layer dicts: XLA:CPU copies a slice of a stacked weight before each matmul,
       which for one-token steps cost more than the matmuls (stories110M: 100 vs 14 ms per step);
-    - matrices are stored [out, in] and the LM head is a [V, D] "head_out_in" (for tied embeddings, the embedding
-      itself, no copy): 8-row products over that layout ran 19% faster at stories110M, one-row ones no slower;
+    - the layers' matrices are stored [out, in]: 8-row products over that layout ran 19% faster at stories110M,
+      one-row ones no slower; the LM head stays [D, V] (a contiguous copy for tied embeddings), which was 5-10%
+      faster at batch 1 and 5% slower at batch 8 than the [V, D] embedding itself;
     - with `dtype`, the layers, embedding and head are cast once here rather than inside every step (the final
       norm stays as it is, as in `forward`)."""
     if isinstance(params["layers"], list):
@@ -320,8 +315,7 @@ def unstack_layers(params, dtype=None):
     cast = (lambda w: w) if dtype is None else (lambda w: w.astype(dtype))
     layers = [{k: cast(w[i].T if k in _MATRICES else w[i]) for k, w in params["layers"].items()} for i in range(n)]
     out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
-    embed = cast(params["embed"])
-    out.update(layers=layers, embed=embed, head_out_in=cast(params["lm_head"].T) if "lm_head" in params else embed)
+    out.update(layers=layers, embed=cast(params["embed"]), lm_head=cast(head_weight(params, None)))
     return out
 
 

@@ -202,8 +202,7 @@ def test_decode_layout_keeps_the_function(small_config, tie):
     params = lj.init_params(config, jax.random.key(0))
     fast = model.unstack_layers(params)
     assert len(fast["layers"]) == config.n_layers and fast["layers"][0]["w_gate"].shape == (config.ffn_dim, config.dim)
-    assert fast["head_out_in"].shape == (config.vocab_size, config.dim)
-    assert (fast["head_out_in"] is fast["embed"]) == tie  # tied: the embedding itself, no copy
+    assert fast["lm_head"].shape == (config.dim, config.vocab_size)
     tokens = jnp.array([[3, 1, 4, 1, 5]])
     pos = jnp.broadcast_to(jnp.arange(5), (1, 5))
     expected = lj.forward(params, tokens, config)
@@ -216,7 +215,7 @@ def test_decode_layout_casts_once(small_config):
     config = small_config.replace(dtype="bfloat16")
     params = lj.init_params(config, jax.random.key(0))
     fast = model.unstack_layers(params, config.dtype)
-    cast = jax.tree.leaves([fast["layers"], fast["embed"], fast["head_out_in"]])
+    cast = jax.tree.leaves([fast["layers"], fast["embed"], fast["lm_head"]])
     assert {w.dtype for w in cast} == {jnp.dtype("bfloat16")} and fast["final_norm"].dtype == jnp.float32
     tokens = jnp.array([[3, 1, 4, 1, 5]])
     pos = jnp.broadcast_to(jnp.arange(5), (1, 5))
