@@ -17,8 +17,10 @@ The parameter pytree (a plain dict; weights are [in, out] so y = x @ w; layers s
   final_norm     [D]
   lm_head        [D, V]      absent when config.tie_embeddings
 
-The KV cache used by sampling is a dict {"k": [L arrays [B, K, S, H]], "v": [same]} in the compute dtype; slot s
-of row b holds the key/value of that row's token at position s.
+Sampling reads a decode layout of the same parameters (`unstack_layers`): "layers" is a list of per-layer dicts
+whose matrices are stored [out, in], and "lm_head" is always present as [D, V]. The KV cache used by sampling is a
+dict {"k": [L arrays [B, K, S, H]], "v": [same]} in the compute dtype; slot s of row b holds the key/value of that
+row's token at position s.
 """
 
 from __future__ import annotations
