@@ -306,9 +306,9 @@ def unstack_layers(params, dtype=None):
     training layout). Measured on XLA:CPU, see docs/benchmarks.md:
     - "layers" becomes a list of per-layer dicts: XLA:CPU copies a slice of a stacked weight before each matmul,
       which for one-token steps cost more than the matmuls (stories110M: 100 vs 14 ms per step);
-    - the layers' matrices are stored [out, in]: 8-row products over that layout ran 19% faster at stories110M,
-      one-row ones no slower; the LM head stays [D, V] (a contiguous copy for tied embeddings), which was 5-10%
-      faster at batch 1 and 5% slower at batch 8 than the [V, D] embedding itself;
+    - the layers' matrices are stored [out, in]: one-row decode steps ran 6-15% faster over that layout (8-row
+      ones: stories110M within noise, stories15M ~30% slower); the LM head stays [D, V] (a contiguous copy for
+      tied embeddings), 5-10% faster at batch 1 than contracting the [V, D] embedding itself;
     - with `dtype`, the layers, embedding and head are cast once here rather than inside every step (the final
       norm stays as it is, as in `forward`)."""
     if isinstance(params["layers"], list):
