@@ -107,35 +107,14 @@ def part_ours_train(args):
 def part_torch_train(args):
     import torch
 
-    from benchmarks.common import hf_model
+    from benchmarks.common import torch_train_step
 
-    config = _config(args)
-    model = hf_model(config).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    toks = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device="cuda")
-    x, y = toks[:, :-1], toks[:, 1:]
-
-    def loss_fn(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=x).logits
-        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    fwd = torch.compile(loss_fn) if args.compile else loss_fn
-    holder = [None]
-
-    def run():
-        loss = fwd(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        holder[0] = loss.item()  # synchronises
-
+    run = torch_train_step(_config(args), args.batch, args.seq, device="cuda", bf16=True, compiled=args.compile)
     t0 = time.perf_counter()
-    run()
+    loss = run()  # for torch.compile, the first call compiles
     compile_s = time.perf_counter() - t0
     sec = timeit(run, warmup=1, repeat=args.repeat)
-    return {"sec": sec, "compile": compile_s, "loss": holder[0], "mem": torch.cuda.max_memory_allocated()}
+    return {"sec": sec, "compile": compile_s, "loss": loss, "mem": torch.cuda.max_memory_allocated()}
 
 
 def part_ours_decode(args):

@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
-from benchmarks.common import hf_model, machine, table, timeit  # noqa: E402
+from benchmarks.common import machine, table, timeit, torch_train_step  # noqa: E402
 from llama_jax import train as T  # noqa: E402
 from llama_jax.config import TrainConfig  # noqa: E402
 
@@ -47,28 +47,7 @@ def ours(config, batch, seq, repeat):
 
 
 def torch_step(config, batch, seq, repeat, compiled, bf16=False):
-    import torch
-
-    model = hf_model(config)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    toks = torch.randint(0, config.vocab_size, (batch, seq + 1))
-    x, y = toks[:, :-1], toks[:, 1:]
-
-    def loss_fn(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=x).logits
-        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    fwd = torch.compile(loss_fn) if compiled else loss_fn
-
-    def run():
-        loss = fwd(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    run = torch_train_step(config, batch, seq, bf16=bf16, compiled=compiled)
     t0 = time.perf_counter()
     run()  # for torch.compile, the first call compiles
     compile_s = time.perf_counter() - t0

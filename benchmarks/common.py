@@ -44,6 +44,36 @@ def hf_model(config, seed: int = 0):
     return model
 
 
+def torch_train_step(config, batch: int, seq: int, *, device: str = "cpu", bf16: bool = False,
+                     compiled: bool = False):
+    """transformers.LlamaForCausalLM + torch.optim.AdamW on random tokens: a function running one full training
+    step (forward, backward, clipping, update) and returning its loss (reading it synchronises the device)."""
+    import torch
+
+    model = hf_model(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device != "cpu")
+    toks = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
+    x, y = toks[:, :-1], toks[:, 1:]
+
+    def loss_fn(x, y):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x).logits
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    fwd = torch.compile(loss_fn) if compiled else loss_fn
+
+    def step() -> float:
+        loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
 def load_ours_into_hf(model, config, params):
     import torch
 

@@ -141,9 +141,11 @@ def _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    """x: [..., D], w_gate/w_up: [D, F], w_down: [F, D]. down(silu(x @ gate) * (x @ up))."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+def swiglu(x, w_gate, w_up, w_down, out_in: bool = False):
+    """x: [..., D], w_gate/w_up: [D, F], w_down: [F, D]. down(silu(x @ gate) * (x @ up)).
+    out_in=True: the weights are stored transposed ([F, D] and [D, F]), as in unstack_layers' decode layout."""
+    mm = functools.partial(_linear, out_in=out_in)
+    return mm(jax.nn.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
 def lm_head(x, w):
@@ -195,10 +197,7 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, 
         attn_BTNH = _attend_heads_major(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
     x_BTD = x_BTD + mm(attn_BTNH.reshape(B, T, N * H), layer["wo"])
     h_BTD = rms_norm(x_BTD, layer["ffn_norm"], config.norm_eps)
-    if out_in:
-        x_BTD = x_BTD + mm(jax.nn.silu(mm(h_BTD, layer["w_gate"])) * mm(h_BTD, layer["w_up"]), layer["w_down"])
-    else:
-        x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"])
+    x_BTD = x_BTD + swiglu(h_BTD, layer["w_gate"], layer["w_up"], layer["w_down"], out_in=out_in)
     return x_BTD, kv_cache
 
 

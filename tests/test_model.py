@@ -33,6 +33,8 @@ def test_swiglu_matches_numpy():
     x, g, u, d = (np.asarray(rand(i, s)) for i, s in enumerate([(2, 3, 8), (8, 12), (8, 12), (12, 8)]))
     silu = lambda a: a / (1 + np.exp(-a))
     np.testing.assert_allclose(lj.swiglu(x, g, u, d), (silu(x @ g) * (x @ u)) @ d, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lj.swiglu(x, g.T, u.T, d.T, out_in=True), (silu(x @ g) * (x @ u)) @ d, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_lm_head_is_float32_matmul():
