@@ -23,7 +23,7 @@ from llama_jax.config import ModelConfig
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: dict  # {"k", "v": L arrays [B, K, S, H]} (model.init_cache) plus "lengths": int32 [B], slots filled
+    cache: dict  # {"k", "v": L arrays [B*K, S, H]} (model.init_cache) plus "lengths": int32 [B], slots filled
     last_B: jax.Array  # int32 [B]: the token to feed next
     out_BM: jax.Array  # int32 [B, max_new_tokens]: generated tokens
     i: jax.Array  # int32: how many have been generated per row
