@@ -286,7 +286,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
     stays flat in depth). `params` may be in the training layout or in unstack_layers' decode layout."""
     _check_tokens(tokens_BT, positions_BT, None)
     dtype = jnp.dtype(config.dtype)
-    S = cache["v"][0].shape[1]
+    S = cache["k"][0].shape[1]
     mask_BTS = causal_mask(positions_BT, jnp.broadcast_to(jnp.arange(S), (tokens_BT.shape[0], S)))
     inv_freq = _inv_freq(config)
     x_BTD = params["embed"][tokens_BT].astype(dtype)

@@ -14,6 +14,7 @@ import llama_jax as lj
 from llama_jax import decode as G
 from llama_jax import sampling
 from llama_jax.generate_cli import TextStream, chat_loop
+from llama_jax.model import unstack_layers
 from llama_jax.tokenizer import train_tokenizer
 from tests.hf_util import make_hf_llama
 
@@ -61,7 +62,7 @@ def test_decode_loop_updates_the_cache_in_place(model, batch):
     """A performance property, checked on the compiled program: the while loop's body copies no KV-cache array
     (a reshaped cache once made XLA:CPU copy every layer's cache 2-4 times per generated token)."""
     config, params = model
-    params = G.model.unstack_layers(params, config.dtype)
+    params = unstack_layers(params, config.dtype)
     tokens, lengths = jnp.ones((batch, 16), jnp.int32), jnp.full((batch,), 5, jnp.int32)
     hlo = G._generate_jit.lower(params, tokens, lengths, jax.random.key(0), config, G.Sampler(0.0), 128, 8
                                 ).compile().as_text()
