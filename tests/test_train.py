@@ -206,6 +206,32 @@ def test_chunked_loss_equals_plain_cross_entropy():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
 
 
+def _dot_contractions(jaxpr):
+    """Contracting-axis counts of every dot_general in a jaxpr, nested ones (scan, remat, map) included."""
+    counts = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            counts.append(len(eqn.params["dimension_numbers"][0][0]))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    counts += _dot_contractions(inner)
+    return counts
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_loss_gradient_contracts_one_token_axis(scan_layers):
+    # Weight gradients that contracted batch and sequence as two axes made XLA:CPU write the SwiGLU backward's
+    # gradients transposed (docs/benchmarks.md, training step); the products flatten tokens to avoid it.
+    config, train, batch = small_setup()
+    config = lj.ModelConfig(**{**config.__dict__, "scan_layers": scan_layers})
+    params = lj.init_params(config, jax.random.key(0))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: T.loss_sums(p, batch, config, train)[0]))(params).jaxpr
+    counts = _dot_contractions(jaxpr)
+    assert len(counts) > 20 and max(counts) == 1, counts
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])
 def test_lr_schedules(schedule):
     t = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
