@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -225,7 +226,7 @@ def test_loss_gradient_contracts_one_token_axis(scan_layers):
     # Weight gradients that contracted batch and sequence as two axes made XLA:CPU write the SwiGLU backward's
     # gradients transposed (docs/benchmarks.md, training step); the products flatten tokens to avoid it.
     config, train, batch = small_setup()
-    config = lj.ModelConfig(**{**config.__dict__, "scan_layers": scan_layers})
+    config = dataclasses.replace(config, scan_layers=scan_layers)
     params = lj.init_params(config, jax.random.key(0))
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: T.loss_sums(p, batch, config, train)[0]))(params).jaxpr
     counts = _dot_contractions(jaxpr)
