@@ -154,7 +154,7 @@ def swiglu(x, w_gate, w_up, w_down, out_in: bool = False):
 
 def lm_head(x, w):
     """x: [..., D], w: [D, V] -> float32 logits [..., V] (for tied embeddings pass embed.T)."""
-    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
+    return _token_matmul(x, w, jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,15 +171,20 @@ def logits(params, h_BTD, config: ModelConfig):
     return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype))
 
 
+def _token_matmul(x, w, preferred_element_type=None):
+    """x [..., in] @ w [in, out] with x's leading axes flattened to one token axis. Autodiff of a [B, T, in]
+    product gives a weight gradient contracting two axes, and XLA:CPU then wrote the SwiGLU backward's gradients
+    transposed inside their elementwise fusions (260 ms of a 2.2 s stories15M step); one token axis avoids that."""
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 def _linear(x, w, out_in: bool):
     """x [..., in] times a weight stored [in, out] (training layout) or [out, in] (decode layout).
-    The training layout multiplies x flattened to [tokens, in]: autodiff of a [B, T, in] product gives a weight
-    gradient contracting two axes, and XLA:CPU then wrote the SwiGLU backward's gradients transposed inside their
-    elementwise fusions (260 ms of a 2.2 s stories15M step); one token axis avoids those copies.
     The decode layout computes (w @ x^T)^T: with the weight as the left operand XLA:CPU's few-row products ran
     faster (stories110M batch-8 decode step 55.8 -> 41.9 ms, batch 1 unchanged; docs/benchmarks.md)."""
     if not out_in:
-        return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+        return _token_matmul(x, w)
     return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
 
 

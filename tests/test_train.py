@@ -231,6 +231,10 @@ def test_loss_gradient_contracts_one_token_axis(scan_layers):
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: T.loss_sums(p, batch, config, train)[0]))(params).jaxpr
     counts = _dot_contractions(jaxpr)
     assert len(counts) > 20 and max(counts) == 1, counts
+    # The same through the public forward (LM head included), as a user's own loss would differentiate it.
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: lj.forward(p, batch["tokens"], config).sum()))(params).jaxpr
+    counts = _dot_contractions(jaxpr)
+    assert len(counts) > 20 and max(counts) == 1, counts
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])
