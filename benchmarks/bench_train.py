@@ -63,31 +63,34 @@ def main():
     args = p.parse_args()
     import torch
 
-    peak = T.measure_peak_flops("float32")
+    peaks = {dtype: T.measure_peak_flops(dtype) for dtype in ("float32", "bfloat16")}
     print(f"machine: {machine()}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads); measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"threads); measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bfloat16 "
+          f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     rows = []
     for preset in args.presets:
         config = lj.load_model_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
         batch, seq = SHAPES.get(preset, (4, 256))
         tokens = batch * seq
         flops = lj.flops_per_token(config, seq) * tokens
-        results = {"llama_jax (scan layers)": ours(config, batch, seq, args.repeat),
-                   "llama_jax (unrolled layers)": ours(config.replace(scan_layers=False), batch, seq, args.repeat),
-                   "PyTorch eager": torch_step(config, batch, seq, args.repeat, False)}
-        if not args.no_compile:
-            results["torch.compile"] = torch_step(config, batch, seq, args.repeat, True)
-        if args.bf16:
-            results["llama_jax bf16 (unrolled)"] = ours(config.replace(scan_layers=False, dtype="bfloat16"), batch,
-                                                        seq, args.repeat)
-            results["PyTorch eager bf16 autocast"] = torch_step(config, batch, seq, args.repeat, False, bf16=True)
-        base = results["PyTorch eager"][0]
-        for name, (sec, comp) in results.items():
+        results = {}  # name -> (seconds, compile seconds, the PyTorch eager row of the same precision)
+        for bf16 in (False, True) if args.bf16 else (False,):
+            tag, cfg = (" bf16", config.replace(dtype="bfloat16")) if bf16 else ("", config)
+            eager = "PyTorch eager" + (" bf16 autocast" if bf16 else "")
+            results[f"llama_jax{tag} (scan layers)"] = ours(cfg, batch, seq, args.repeat) + (eager,)
+            results[f"llama_jax{tag} (unrolled layers)"] = ours(cfg.replace(scan_layers=False), batch, seq,
+                                                                args.repeat) + (eager,)
+            results[eager] = torch_step(config, batch, seq, args.repeat, False, bf16) + (eager,)
+            if not args.no_compile:
+                results["torch.compile" + (" bf16 autocast" if bf16 else "")] = torch_step(
+                    config, batch, seq, args.repeat, True, bf16) + (eager,)
+        for name, (sec, comp, eager) in results.items():
+            peak = peaks["bfloat16" if "bf16" in name else "float32"]
             rows.append([preset, f"{batch}x{seq}", name, f"{tokens / sec:,.0f}", f"{100 * flops / sec / peak:.1f}%",
-                         f"{base / sec:.2f}x", f"{comp:.1f}s"])
+                         f"{results[eager][0] / sec:.2f}x", f"{comp:.1f}s"])
         print(rows[-len(results):], flush=True)
     print(table("Training step: forward + backward + AdamW (float32 unless marked bf16; MFU against the measured "
-                "float32 matmul peak)",
+                "matmul peak of that precision; 'vs eager' against PyTorch eager of the same precision)",
                 ["preset", "batch", "implementation", "tokens/s", "MFU", "vs eager", "compile / first step"], rows))
 
 

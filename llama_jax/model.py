@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
+from llama_jax.matmul import matmul
 
 _NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax instead of NaN
 
@@ -136,12 +137,12 @@ def _attend_heads_major(q_BTNH, k_ZSH, v_ZSH, mask_BTS):
     K = Z // B
     G = N // K
     q_ZMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(Z, G * T, H)
-    scores_ZMS = jnp.einsum("ZMH,ZSH->ZMS", q_ZMH, k_ZSH, preferred_element_type=jnp.float32) / math.sqrt(H)
+    scores_ZMS = matmul(q_ZMH, k_ZSH, transpose_b=True, out_dtype=jnp.float32) / math.sqrt(H)
     if mask_BTS is not None:
         scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_ZMS.reshape(B, K, G, T, S), _NEG_INF)
         scores_ZMS = scores_BKGTS.reshape(Z, G * T, S)
     probs_ZMS = jax.nn.softmax(scores_ZMS, axis=-1).astype(v_ZSH.dtype)
-    out_ZMH = jnp.einsum("ZMS,ZSH->ZMH", probs_ZMS, v_ZSH)
+    out_ZMH = matmul(probs_ZMS, v_ZSH)
     return out_ZMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -152,30 +153,33 @@ def swiglu(x, w_gate, w_up, w_down, out_in: bool = False):
     return mm(jax.nn.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
-def lm_head(x, w):
-    """x: [..., D], w: [D, V] -> float32 logits [..., V] (for tied embeddings pass embed.T)."""
-    return _token_matmul(x, w, jnp.float32)
+def lm_head(x, w, transposed: bool = False):
+    """x: [..., D], w: [D, V] -> float32 logits [..., V]. For tied embeddings pass the [V, D] embedding itself
+    with transposed=True (read transposed in place rather than copied)."""
+    x_ND = x.reshape(-1, x.shape[-1])
+    return matmul(x_ND, w, transpose_b=transposed, out_dtype=jnp.float32).reshape(*x.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model.
 
 
-def head_weight(params, config: ModelConfig):
-    """The [D, V] matrix of the LM head (the transposed embedding when tied)."""
-    return params["lm_head"] if "lm_head" in params else params["embed"].T
+def head_matrix(params):
+    """(w, transposed): the LM head's [D, V] matrix, or the [V, D] embedding with transposed=True when tied."""
+    return (params["lm_head"], False) if "lm_head" in params else (params["embed"], True)
 
 
 def logits(params, h_BTD, config: ModelConfig):
     """Float32 logits [..., V] from final-normed hidden states [..., D] (either parameter layout)."""
-    return lm_head(h_BTD, head_weight(params, config).astype(h_BTD.dtype))
+    w, transposed = head_matrix(params)
+    return lm_head(h_BTD, w.astype(h_BTD.dtype), transposed)
 
 
-def _token_matmul(x, w, preferred_element_type=None):
+def _token_matmul(x, w, out_dtype=None):
     """x [..., in] @ w [in, out] with x's leading axes flattened to one token axis. Autodiff of a [B, T, in]
     product gives a weight gradient contracting two axes, and XLA:CPU then wrote the SwiGLU backward's gradients
     transposed inside their elementwise fusions (260 ms of a 2.2 s stories15M step); one token axis avoids that."""
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+    y = matmul(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -336,8 +340,9 @@ def unstack_layers(params, dtype=None):
     n = jax.tree.leaves(params["layers"])[0].shape[0]
     cast = (lambda w: w) if dtype is None else (lambda w: w.astype(dtype))
     layers = [{k: cast(w[i].T if k in _MATRICES else w[i]) for k, w in params["layers"].items()} for i in range(n)]
+    head, transposed = head_matrix(params)
     out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
-    out.update(layers=layers, embed=cast(params["embed"]), lm_head=cast(head_weight(params, None)))
+    out.update(layers=layers, embed=cast(params["embed"]), lm_head=cast(head.T if transposed else head))
     return out
 
 

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from llama_jax import model
 from llama_jax.config import ModelConfig, TrainConfig
+from llama_jax.matmul import matmul
 
 DECAYED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
 
@@ -34,8 +35,9 @@ class TrainState:
 # Loss.
 
 
-def cross_entropy(h_NTD, w_DV, targets_NT, mask_NT, chunk: int):
-    """Sums over unmasked tokens of (next-token cross-entropy, log-normaliser squared), in float32.
+def cross_entropy(h_NTD, w_DV, targets_NT, mask_NT, chunk: int, transposed: bool = False):
+    """Sums over unmasked tokens of (next-token cross-entropy, log-normaliser squared), in float32. The head is
+    w_DV, or with transposed=True a [V, D] matrix read transposed (tied embeddings, as model.lm_head).
 
     Tokens are processed `chunk` at a time under jax.checkpoint, so at most chunk x V logits exist at once, in
     the forward pass and the backward pass alike; the log-softmax is never materialised (logsumexp - target)."""
@@ -43,7 +45,7 @@ def cross_entropy(h_NTD, w_DV, targets_NT, mask_NT, chunk: int):
     h_ND, t_N, m_N = h_NTD.reshape(-1, D), targets_NT.reshape(-1), mask_NT.reshape(-1).astype(jnp.float32)
 
     def chunk_loss(h_CD, t_C, m_C):
-        logits_CV = model.lm_head(h_CD, w_DV)
+        logits_CV = model.lm_head(h_CD, w_DV, transposed)
         lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
         target_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
         return jnp.sum((lse_C - target_C) * m_C), jnp.sum(lse_C * lse_C * m_C)
@@ -63,8 +65,8 @@ def loss_sums(params, batch, config: ModelConfig, train: TrainConfig):
     """(objective summed over tokens, (ce sum, z sum, token count)) for one (micro-)batch. A batch without
     "segment_ids" is plain causal (one document per row), which fused attention kernels handle fastest."""
     h = model.hidden_states(params, batch["tokens"], config, batch["positions"], batch.get("segment_ids"))
-    w = model.head_weight(params, config).astype(h.dtype)
-    ce, z = cross_entropy(h, w, batch["targets"], batch["loss_mask"], train.loss_chunk)
+    w, transposed = model.head_matrix(params)
+    ce, z = cross_entropy(h, w.astype(h.dtype), batch["targets"], batch["loss_mask"], train.loss_chunk, transposed)
     return ce + train.z_loss * z, (ce, z, jnp.sum(batch["loss_mask"]))
 
 
@@ -159,7 +161,7 @@ def measure_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
     import time
 
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(lambda a: matmul(a, a, out_dtype=jnp.float32))  # the model's products (16-bit accumulate in f32)
     f(a).block_until_ready()
     best = math.inf
     for _ in range(3):
