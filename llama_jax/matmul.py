@@ -48,8 +48,10 @@ def _row_major(x):
 
 
 def _bf16_dot(a, b, transpose_b, out_dtype, swap_a=False):
-    # The barrier on the result keeps a later transpose of it from being folded into this product (XLA would
-    # then swap the operands into a form its bfloat16 kernels refuse, after having chosen them).
+    """The product in float32 from bfloat16 operands; swap_a: multiply a's transpose (materialised row-major).
+    Barriers keep XLA from folding transposes of the operands or of the result into the product after it chose
+    the bfloat16 kernel for it: it then swaps the operands into a form that kernel refuses and fails at run time.
+    (Flattening every operand instead of only the transposed one cost a copy per product.)"""
     a = _row_major(jnp.swapaxes(a, -1, -2)) if swap_a else jax.lax.optimization_barrier(a)
     y = _dot_general(a, jax.lax.optimization_barrier(b), transpose_b, jnp.float32)
     return jax.lax.optimization_barrier(y).astype(out_dtype)
@@ -68,8 +70,8 @@ def _cpu_bf16_matmul_bwd(transpose_b, out_dtype, residuals, g):
     a, b = residuals
     g = g.astype(a.dtype)
     da = _bf16_dot(g, b, not transpose_b, a.dtype)  # g [M, N] times b's [K, N] transposed
-    # b's gradient contracts a's rows: transpose a (the smaller operand in every product here) explicitly.
-    db = _bf16_dot(a, g, False, jnp.float32, swap_a=True)  # [K, N]
+    # b's gradient contracts the rows of a and g, i.e. a's first axis: a refused form unless a is transposed.
+    db = _bf16_dot(a, g, False, jnp.float32, swap_a=True)  # [K, M] x [M, N]
     return da, (jnp.swapaxes(db, -1, -2) if transpose_b else db).astype(b.dtype)
 
 

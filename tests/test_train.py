@@ -251,13 +251,17 @@ def test_lr_schedules(schedule):
 # --- multiple devices ------------------------------------------------------------------------------------------
 
 
-def test_eight_devices_match_one_device(corpus, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eight_devices_match_one_device(corpus, tmp_path, dtype):
+    # bfloat16 also covers the CPU's bfloat16 products (llama_jax/matmul.py) on sharded operands; its products
+    # round to bfloat16 after summing in a different order per sharding, hence the looser tolerance.
     assert jax.device_count() >= 8
-    common = ["--train.steps=6", "--train.eval_every=100", "--train.save_every=100"]
+    common = ["--train.steps=6", "--train.eval_every=100", "--train.save_every=100", f"--model.dtype={dtype}"]
     assert loop.main(train_args(corpus, tmp_path / "one", *common)) == 0
     assert loop.main(train_args(corpus, tmp_path / "eight", *common, "--mesh", "data=2,fsdp=2,tensor=2")) == 0
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
-    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=2e-5)
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)],
+                               rtol=2e-5 if dtype == "float32" else 1e-2)
 
 
 def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
