@@ -77,7 +77,8 @@ def main():
         for bf16 in (False, True) if args.bf16 else (False,):
             tag, cfg = (" bf16", config.replace(dtype="bfloat16")) if bf16 else ("", config)
             eager = "PyTorch eager" + (" bf16 autocast" if bf16 else "")
-            results[f"llama_jax{tag} (scan layers)"] = ours(cfg, batch, seq, args.repeat) + (eager,)
+            results[f"llama_jax{tag} (scan layers)"] = ours(cfg.replace(scan_layers=True), batch, seq,
+                                                            args.repeat) + (eager,)
             results[f"llama_jax{tag} (unrolled layers)"] = ours(cfg.replace(scan_layers=False), batch, seq,
                                                                 args.repeat) + (eager,)
             results[eager] = torch_step(config, batch, seq, args.repeat, False, bf16) + (eager,)

@@ -57,13 +57,13 @@ def _dot_operand_dtypes(hlo: str):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bfloat16 kernels are what this checks")
-@pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_bfloat16_train_step_multiplies_bfloat16_on_the_cpu(tie_embeddings):
+@pytest.mark.parametrize("tie_embeddings,scan_layers", [(True, True), (False, False)])
+def test_bfloat16_train_step_multiplies_bfloat16_on_the_cpu(tie_embeddings, scan_layers):
     # XLA:CPU converts the operands of a bfloat16 product it cannot give its bfloat16 kernels to float32 (3-5x
     # slower, docs/benchmarks.md). Every product of the bfloat16 training step - layers, attention, LM head,
     # forward and backward - must reach XLA as bfloat16 operands accumulating in float32.
     config, train, batch = small_setup()
-    config = dataclasses.replace(config, dtype="bfloat16", tie_embeddings=tie_embeddings)
+    config = dataclasses.replace(config, dtype="bfloat16", tie_embeddings=tie_embeddings, scan_layers=scan_layers)
     state = T.init_state(config, train, jax.random.key(0))
     step, _ = T.jit_steps(config, train)
     hlo = step.lower(state, batch).compile().as_text()
