@@ -156,8 +156,7 @@ def swiglu(x, w_gate, w_up, w_down, out_in: bool = False):
 def lm_head(x, w, transposed: bool = False):
     """x: [..., D], w: [D, V] -> float32 logits [..., V]. For tied embeddings pass the [V, D] embedding itself
     with transposed=True (read transposed in place rather than copied)."""
-    x_ND = x.reshape(-1, x.shape[-1])
-    return matmul(x_ND, w, transpose_b=transposed, out_dtype=jnp.float32).reshape(*x.shape[:-1], -1)
+    return _token_matmul(x, w, jnp.float32, transposed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,12 +174,13 @@ def logits(params, h_BTD, config: ModelConfig):
     return lm_head(h_BTD, w.astype(h_BTD.dtype), transposed)
 
 
-def _token_matmul(x, w, out_dtype=None):
-    """x [..., in] @ w [in, out] with x's leading axes flattened to one token axis. Autodiff of a [B, T, in]
-    product gives a weight gradient contracting two axes, and XLA:CPU then wrote the SwiGLU backward's gradients
-    transposed inside their elementwise fusions (260 ms of a 2.2 s stories15M step); one token axis avoids that."""
-    y = matmul(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
+def _token_matmul(x, w, out_dtype=None, transpose_w=False):
+    """x [..., in] @ w [in, out] (or w [out, in] read transposed) with x's leading axes flattened to one token
+    axis. Autodiff of a [B, T, in] product gives a weight gradient contracting two axes, and XLA:CPU then wrote the
+    SwiGLU backward's gradients transposed inside their elementwise fusions (260 ms of a 2.2 s stories15M step);
+    one token axis avoids that."""
+    y = matmul(x.reshape(-1, x.shape[-1]), w, transpose_b=transpose_w, out_dtype=out_dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _linear(x, w, out_in: bool):

@@ -35,9 +35,9 @@ class TrainState:
 # Loss.
 
 
-def cross_entropy(h_NTD, w_DV, targets_NT, mask_NT, chunk: int, transposed: bool = False):
-    """Sums over unmasked tokens of (next-token cross-entropy, log-normaliser squared), in float32. The head is
-    w_DV, or with transposed=True a [V, D] matrix read transposed (tied embeddings, as model.lm_head).
+def cross_entropy(h_NTD, w, targets_NT, mask_NT, chunk: int, transposed: bool = False):
+    """Sums over unmasked tokens of (next-token cross-entropy, log-normaliser squared), in float32. The head w is
+    [D, V], or with transposed=True a [V, D] matrix read transposed (tied embeddings, as model.lm_head).
 
     Tokens are processed `chunk` at a time under jax.checkpoint, so at most chunk x V logits exist at once, in
     the forward pass and the backward pass alike; the log-softmax is never materialised (logsumexp - target)."""
@@ -45,7 +45,7 @@ def cross_entropy(h_NTD, w_DV, targets_NT, mask_NT, chunk: int, transposed: bool
     h_ND, t_N, m_N = h_NTD.reshape(-1, D), targets_NT.reshape(-1), mask_NT.reshape(-1).astype(jnp.float32)
 
     def chunk_loss(h_CD, t_C, m_C):
-        logits_CV = model.lm_head(h_CD, w_DV, transposed)
+        logits_CV = model.lm_head(h_CD, w, transposed)
         lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
         target_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
         return jnp.sum((lse_C - target_C) * m_C), jnp.sum(lse_C * lse_C * m_C)
