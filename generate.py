@@ -6,6 +6,8 @@ See `python generate.py --help` and README.md. The work happens in llama_jax/gen
 import sys
 
 from llama_jax.generate_cli import main
+from llama_jax.host_memory import keep_freed_memory
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before any JAX work: CPU steps stop page-faulting their buffers in (host_memory.py)
     sys.exit(main())

@@ -5,7 +5,9 @@ See `python train.py --help` and README.md. The work happens in llama_jax/loop.p
 
 import sys
 
+from llama_jax.host_memory import keep_freed_memory
 from llama_jax.loop import main
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before any JAX work: CPU steps stop page-faulting their buffers in (host_memory.py)
     sys.exit(main())

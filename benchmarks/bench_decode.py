@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
-from benchmarks.common import hf_model, load_ours_into_hf, machine, table, timeit  # noqa: E402
+from benchmarks.common import add_malloc_flag, hf_model, load_ours_into_hf, machine, set_malloc, table, timeit  # noqa: E402
 from llama_jax import decode, model  # noqa: E402
 
 
@@ -56,11 +56,13 @@ def main():
     p.add_argument("--presets", nargs="+", default=["stories15M", "stories110M"])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
+    add_malloc_flag(p)
     args = p.parse_args()
+    malloc = set_malloc(args)
     import torch
 
     bw = read_bandwidth()
-    print(f"machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}; measured read bandwidth "
+    print(f"machine: {machine()}; {malloc}; jax {jax.__version__}, torch {torch.__version__}; measured read bandwidth "
           f"{bw / 1e9:.1f} GB/s")
     rows = []
     for preset in args.presets:

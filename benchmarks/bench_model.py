@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
-from benchmarks.common import hf_model, load_ours_into_hf, machine, table, timeit  # noqa: E402
+from benchmarks.common import add_malloc_flag, hf_model, load_ours_into_hf, machine, set_malloc, table, timeit  # noqa: E402
 from llama_jax import train as T  # noqa: E402
 from llama_jax.config import TrainConfig  # noqa: E402
 
@@ -74,10 +74,12 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--no-compile", action="store_true")
+    add_malloc_flag(p)
     args = p.parse_args()
+    malloc = set_malloc(args)
     import torch
 
-    print(f"machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}")
+    print(f"machine: {machine()}; {malloc}; jax {jax.__version__}, torch {torch.__version__}")
     config = lj.load_model_config(Path(__file__).resolve().parents[1] / "configs" / f"{args.preset}.yaml")
     params = lj.init_params(config, jax.random.key(0))
     toks = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq + 1)),

@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
-from benchmarks.common import machine, table, timeit, torch_train_step  # noqa: E402
+from benchmarks.common import add_malloc_flag, machine, set_malloc, table, timeit, torch_train_step  # noqa: E402
 from llama_jax import train as T  # noqa: E402
 from llama_jax.config import TrainConfig  # noqa: E402
 
@@ -60,13 +60,15 @@ def main():
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
     p.add_argument("--bf16", action="store_true", help="also bfloat16 compute (ours) vs torch.autocast bf16")
+    add_malloc_flag(p)
     args = p.parse_args()
+    malloc = set_malloc(args)
     import torch
 
     peaks = {dtype: T.measure_peak_flops(dtype) for dtype in ("float32", "bfloat16")}
-    print(f"machine: {machine()}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads); measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bfloat16 "
-          f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print(f"machine: {machine()}; {malloc}; jax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} "
+          f"GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     rows = []
     for preset in args.presets:
         config = lj.load_model_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")

@@ -21,6 +21,21 @@ def timeit(fn, warmup: int = 1, repeat: int = 5) -> float:
     return float(np.median(times))
 
 
+def add_malloc_flag(parser) -> None:
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (by default the whole process, PyTorch included, keeps "
+                             "freed memory for reuse, as train.py and generate.py do: llama_jax/host_memory.py)")
+
+
+def set_malloc(args) -> str:
+    """Applies the --default-malloc choice before any JAX or PyTorch work; returns a phrase for the header."""
+    from llama_jax.host_memory import keep_freed_memory
+
+    if not args.default_malloc and keep_freed_memory():
+        return "malloc keeps freed memory (both implementations)"
+    return "default malloc"
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -2,6 +2,7 @@
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
 from llama_jax.decode import generate, stream
+from llama_jax.host_memory import keep_freed_memory
 from llama_jax.model import (
     apply_rope,
     attention,

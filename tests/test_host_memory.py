@@ -1,0 +1,46 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_jax import host_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A jitted function whose compiled program holds a 67 MB temporary (the transposed exp(x)): larger than any block
+# glibc would keep on its heap by default. Prints the page faults, in bytes, of its last 20 of 60 calls.
+PROGRAM = """
+import resource, sys
+from llama_jax.host_memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sum(jnp.exp(x).T @ x[:, :8]))
+x = jnp.ones((4096, 4096), jnp.float32)
+assert f.lower(x).compile().memory_analysis().temp_size_in_bytes >= 64 * 2**20
+for _ in range(40):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize())
+"""
+
+
+def _faulted_bytes(mode: str) -> int:
+    r = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split()[-1])
+
+
+@pytest.mark.skipif(host_memory.glibc() is None, reason="a glibc malloc setting")
+def test_keep_freed_memory_stops_steps_from_faulting_their_temporaries_in():
+    temp = 20 * 67 * 10**6  # bytes of temporaries over the 20 calls measured
+    assert _faulted_bytes("default") > temp / 2  # glibc maps and unmaps the temporary at every call
+    assert _faulted_bytes("keep") < temp / 20  # kept on the heap and reused
+
+
+def test_keep_freed_memory_is_a_no_op_off_glibc(monkeypatch):
+    monkeypatch.setattr(host_memory.sys, "platform", "darwin")
+    assert host_memory.keep_freed_memory() is False
