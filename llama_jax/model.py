@@ -81,8 +81,17 @@ def apply_rope(x_BTNH, positions_BT, inv_freq):
     """Rotates x by its per-row positions. Layout: split halves (as in Hugging Face Llama), i.e. dimension i is
     paired with i + H/2, not interleaved pairs (2i, 2i+1) as in Meta's original code. Computed in float32."""
     assert x_BTNH.ndim == 4 and positions_BT.shape == x_BTNH.shape[:2], (x_BTNH.shape, positions_BT.shape)
+    return _rotate(x_BTNH, _cos_sin(positions_BT, inv_freq))
+
+
+def _cos_sin(positions_BT, inv_freq):
     angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
-    cos, sin = jnp.cos(angles_BTh)[:, :, None, :], jnp.sin(angles_BTh)[:, :, None, :]
+    return jnp.cos(angles_BTh), jnp.sin(angles_BTh)
+
+
+def _rotate(x_BTNH, rope):
+    """apply_rope with the angles' (cos, sin), each [B, T, H/2] float32."""
+    cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
@@ -192,7 +201,7 @@ def _linear(x, w, out_in: bool):
     return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
 
 
-def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, kv_cache=None, out_in=False):
+def _block(layer, x_BTD, positions_BT, mask_BTS, rope, config: ModelConfig, kv_cache=None, out_in=False):
     """One transformer block. With kv_cache=(k_ZSH, v_ZSH), this step's keys/values are written into the cache
     at their positions first and attention runs over the whole cache; returns (x, new_cache). out_in: the layer's
     matrices are stored [out, in] (unstack_layers' decode layout)."""
@@ -200,8 +209,8 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config: ModelConfig, 
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
     mm = functools.partial(_linear, out_in=out_in)
     h_BTD = rms_norm(x_BTD, layer["attn_norm"], config.norm_eps)
-    q_BTNH = apply_rope(mm(h_BTD, layer["wq"]).reshape(B, T, N, H), positions_BT, inv_freq)
-    k_BTKH = apply_rope(mm(h_BTD, layer["wk"]).reshape(B, T, K, H), positions_BT, inv_freq)
+    q_BTNH = _rotate(mm(h_BTD, layer["wq"]).reshape(B, T, N, H), rope)
+    k_BTKH = _rotate(mm(h_BTD, layer["wk"]).reshape(B, T, K, H), rope)
     v_BTKH = mm(h_BTD, layer["wv"]).reshape(B, T, K, H)
     if kv_cache is None:
         # mask_BTS None means plain causal (no packed documents): fused kernels then skip the masked blocks.
@@ -228,10 +237,22 @@ _REMAT = {
 }
 
 
-def _inv_freq(config: ModelConfig):
-    return rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_factor,
-                            config.rope_low_freq_factor, config.rope_high_freq_factor,
-                            config.rope_original_max_positions)
+ROPE_TABLE_MAX = 2**20  # entries per (cos or sin) table: 4 MB of constants in the compiled step at most
+
+
+def _rope(config: ModelConfig, positions_BT):
+    """(cos, sin) of the RoPE angles at positions [B, T], each [B, T, H/2] float32, read from tables over positions
+    0 .. max_seq_len - 1 (positions past the context come out NaN). Computed inside the step instead, XLA:CPU fuses
+    cos and sin into every consumer and evaluates them once per element of q and k, all heads over: ~10% of a
+    stories110M training step. Contexts too long for a table (llama3.2-1b's 131072 positions) compute them."""
+    inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_factor,
+                                config.rope_low_freq_factor, config.rope_high_freq_factor,
+                                config.rope_original_max_positions)
+    if config.max_seq_len * inv_freq.size > ROPE_TABLE_MAX:
+        return _cos_sin(positions_BT, inv_freq)
+    angles_Sh = np.arange(config.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]  # float32 as _cos_sin
+    return tuple(jnp.asarray(f(angles_Sh)).at[positions_BT].get(mode="fill", fill_value=jnp.nan)
+                 for f in (np.cos, np.sin))
 
 
 def _check_tokens(tokens, positions, segment_ids):
@@ -242,8 +263,8 @@ def _check_tokens(tokens, positions, segment_ids):
 
 def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
     """Final-normed hidden states [B, T, D] in the compute dtype (what the LM head reads; the training loss
-    uses this to avoid materialising all logits). Positions default to 0..T-1; with segment ids, tokens attend
-    only within their segment (packed documents)."""
+    uses this to avoid materialising all logits). Positions (below config.max_seq_len) default to 0..T-1; with
+    segment ids, tokens attend only within their segment (packed documents)."""
     _check_tokens(tokens_BT, positions_BT, segment_ids_BT)
     B, T = tokens_BT.shape
     dtype = jnp.dtype(config.dtype)
@@ -252,12 +273,12 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
     # Causality is by index within the window; positions (which may restart per document) only drive RoPE.
     # Without segment ids the mask is plain causal and is left to the attention kernel (None).
     mask_BTS = None if segment_ids_BT is None else causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
-    inv_freq = _inv_freq(config)
+    rope = _rope(config, positions_BT)
     x_BTD = params["embed"].astype(dtype)[tokens_BT]
 
     def body(x_BTD, layer):
         layer = jax.tree.map(lambda w: w.astype(dtype), layer)
-        return _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config)[0], None
+        return _block(layer, x_BTD, positions_BT, mask_BTS, rope, config)[0], None
 
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
@@ -300,7 +321,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
     dtype = jnp.dtype(config.dtype)
     S = cache["k"][0].shape[1]
     mask_BTS = causal_mask(positions_BT, jnp.broadcast_to(jnp.arange(S), (tokens_BT.shape[0], S)))
-    inv_freq = _inv_freq(config)
+    rope = _rope(config, positions_BT)
     x_BTD = params["embed"][tokens_BT].astype(dtype)
     layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])  # a list stays a list
     if scan_layers:
@@ -308,7 +329,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
 
         def body(x_BTD, layer_and_kv):
             layer, k, v = layer_and_kv
-            x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (k, v))
+            x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (k, v))
             return x_BTD, (k, v)
         stacked = (layers, jnp.stack(cache["k"]), jnp.stack(cache["v"]))
         x_BTD, (k_all, v_all) = jax.lax.scan(body, x_BTD, stacked)
@@ -317,7 +338,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
         ks, vs = list(cache["k"]), list(cache["v"])
         for i in range(config.n_layers):
             layer = layers[i] if isinstance(layers, list) else jax.tree.map(lambda w: w[i], layers)
-            x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, inv_freq, config, (ks[i], vs[i]),
+            x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (ks[i], vs[i]),
                                            out_in=isinstance(layers, list))
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps), {**cache, "k": ks, "v": vs}
 

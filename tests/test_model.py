@@ -72,6 +72,21 @@ def test_rope_scores_depend_only_on_position_difference():
     assert score(5, 2) != pytest.approx(score(6, 2), rel=1e-3)
 
 
+def test_rope_tables_equal_computed_angles_and_keep_sine_out_of_the_step(small_config, monkeypatch):
+    c = small_config.replace(rope_scaling="llama3", rope_factor=8.0, rope_original_max_positions=16)
+    inv_freq = lj.rope_frequencies(c.head_dim, c.rope_theta, "llama3", 8.0, original_max_positions=16)
+    pos = jnp.array([[0, 1, 2, c.max_seq_len - 1], [5, 0, 1, 2]])
+    for table, computed in zip(model._rope(c, pos), model._cos_sin(pos, inv_freq)):
+        np.testing.assert_allclose(table, computed, atol=1e-6)
+    assert np.isnan(model._rope(c, pos + 1)[0][0, -1]).all()  # past the context: NaN, not a clamped angle
+    params = lj.init_params(c, jax.random.key(0))
+    step = jax.jit(lambda p, t: lj.forward(p, t, c).sum())
+    assert " sine(" not in step.lower(params, pos).compile().as_text()
+    monkeypatch.setattr(model, "ROPE_TABLE_MAX", 0)  # contexts too long for a table compute the angles
+    for table, computed in zip(model._rope(c, pos), model._cos_sin(pos, inv_freq)):
+        np.testing.assert_array_equal(table, computed)
+
+
 def test_rope_scaling_rules():
     base = lj.rope_frequencies(64, 500000.0)
     np.testing.assert_allclose(lj.rope_frequencies(64, 500000.0, "linear", 4.0), base / 4, rtol=1e-6)
@@ -168,10 +183,10 @@ def test_scanned_layers_equal_python_loop(small_config):
     x = params["embed"][tokens]
     pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
     mask = lj.causal_mask(pos, pos)
-    inv_freq = model._inv_freq(c)
+    rope = model._cos_sin(pos, lj.rope_frequencies(c.head_dim, c.rope_theta))  # computed, not forward's tables
     for i in range(c.n_layers):
         layer = jax.tree.map(lambda w: w[i], params["layers"])
-        x, _ = model._block(layer, x, pos, mask, inv_freq, c)
+        x, _ = model._block(layer, x, pos, mask, rope, c)
     expected = lj.lm_head(lj.rms_norm(x, params["final_norm"], c.norm_eps), params["lm_head"])
     np.testing.assert_allclose(lj.forward(params, tokens, c), expected, rtol=1e-5, atol=1e-5)
 
