@@ -237,12 +237,12 @@ _REMAT = {
 }
 
 
-ROPE_TABLE_MAX = 2**20  # entries per (cos or sin) table: 4 MB of constants in the compiled step at most
+ROPE_TABLE_MAX = 2**20  # entries per table (cos, sin): at most 8 MB of constants in the compiled step
 
 
 def _rope(config: ModelConfig, positions_BT):
     """(cos, sin) of the RoPE angles at positions [B, T], each [B, T, H/2] float32, read from tables over positions
-    0 .. max_seq_len - 1 (positions past the context come out NaN). Computed inside the step instead, XLA:CPU fuses
+    0 .. max_seq_len - 1 (positions outside the context come out NaN). Computed inside the step instead, XLA:CPU fuses
     cos and sin into every consumer and evaluates them once per element of q and k, all heads over: ~10% of a
     stories110M training step. Contexts too long for a table (llama3.2-1b's 131072 positions) compute them."""
     inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_factor,
@@ -251,7 +251,8 @@ def _rope(config: ModelConfig, positions_BT):
     if config.max_seq_len * inv_freq.size > ROPE_TABLE_MAX:
         return _cos_sin(positions_BT, inv_freq)
     angles_Sh = np.arange(config.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]  # float32 as _cos_sin
-    return tuple(jnp.asarray(f(angles_Sh)).at[positions_BT].get(mode="fill", fill_value=jnp.nan)
+    return tuple(jnp.asarray(f(angles_Sh)).at[positions_BT].get(mode="fill", fill_value=jnp.nan,
+                                                                 wrap_negative_indices=False)
                  for f in (np.cos, np.sin))
 
 

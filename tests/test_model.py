@@ -79,12 +79,13 @@ def test_rope_tables_equal_computed_angles_and_keep_sine_out_of_the_step(small_c
     for table, computed in zip(model._rope(c, pos), model._cos_sin(pos, inv_freq)):
         np.testing.assert_allclose(table, computed, atol=1e-6)
     assert np.isnan(model._rope(c, pos + 1)[0][0, -1]).all()  # past the context: NaN, not a clamped angle
+    assert np.isnan(model._rope(c, pos - 1)[1][1, 1]).all()  # nor a wrapped-around one
     params = lj.init_params(c, jax.random.key(0))
     step = jax.jit(lambda p, t: lj.forward(p, t, c).sum())
     assert " sine(" not in step.lower(params, pos).compile().as_text()
     monkeypatch.setattr(model, "ROPE_TABLE_MAX", 0)  # contexts too long for a table compute the angles
-    for table, computed in zip(model._rope(c, pos), model._cos_sin(pos, inv_freq)):
-        np.testing.assert_array_equal(table, computed)
+    for table, computed in zip(model._rope(c, pos + 1), model._cos_sin(pos + 1, inv_freq)):
+        np.testing.assert_array_equal(table, computed)  # finite past max_seq_len: no table was read
 
 
 def test_rope_scaling_rules():
