@@ -242,18 +242,19 @@ ROPE_TABLE_MAX = 2**20  # entries per table (cos, sin): at most 8 MB of constant
 
 def _rope(config: ModelConfig, positions_BT):
     """(cos, sin) of the RoPE angles at positions [B, T], each [B, T, H/2] float32, read from tables over positions
-    0 .. max_seq_len - 1 (positions outside the context come out NaN). Computed inside the step instead, XLA:CPU fuses
-    cos and sin into every consumer and evaluates them once per element of q and k, all heads over: ~10% of a
-    stories110M training step. Contexts too long for a table (llama3.2-1b's 131072 positions) compute them."""
+    0 .. max_seq_len - 1 built at trace time (positions outside the context come out NaN). Computed inside the step
+    instead, XLA:CPU fuses cos and sin into every consumer and evaluates them once per element of q and k, all heads
+    over: ~10% of a stories110M training step. Contexts too long for a table (llama3.2-1b's 131072 positions)
+    compute them in the step."""
     inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_factor,
                                 config.rope_low_freq_factor, config.rope_high_freq_factor,
                                 config.rope_original_max_positions)
     if config.max_seq_len * inv_freq.size > ROPE_TABLE_MAX:
         return _cos_sin(positions_BT, inv_freq)
-    angles_Sh = np.arange(config.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]  # float32 as _cos_sin
-    return tuple(jnp.asarray(f(angles_Sh)).at[positions_BT].get(mode="fill", fill_value=jnp.nan,
-                                                                 wrap_negative_indices=False)
-                 for f in (np.cos, np.sin))
+    with jax.ensure_compile_time_eval():  # constants of the compiled step, equal to what _cos_sin computes
+        tables = _cos_sin(jnp.arange(config.max_seq_len)[None], inv_freq)
+    return tuple(t[0].at[positions_BT].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+                 for t in tables)
 
 
 def _check_tokens(tokens, positions, segment_ids):
