@@ -192,6 +192,20 @@ def test_scanned_layers_equal_python_loop(small_config):
     np.testing.assert_allclose(lj.forward(params, tokens, c), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_unrolled_layers_give_the_scans_gradients_by_concatenation(small_config):
+    params = lj.init_params(small_config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 97)
+    weights = rand(2, (2, 10, 97))
+    loss = lambda p, c: jnp.sum(lj.forward(p, tokens, c) * weights)
+    unrolled = small_config.replace(scan_layers=False)
+    g_scan = jax.grad(loss)(params, small_config.replace(scan_layers=True))
+    g_loop = jax.grad(loss)(params, unrolled)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_scan, g_loop)
+    # The stacked weights' gradient is one concatenate per weight, not L zero-padded per-layer copies summed.
+    backward = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, unrolled))
+    assert " pad[" not in backward and " concatenate[" in backward
+
+
 @pytest.mark.parametrize("remat", ["full", "save_matmuls"])
 def test_remat_policies_give_same_gradients(small_config, remat):
     params = lj.init_params(small_config, jax.random.key(0))
