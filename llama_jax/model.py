@@ -347,10 +347,10 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
         ks, vs = list(k_all), list(v_all)
     else:
         ks, vs = list(cache["k"]), list(cache["v"])
-        for i in range(config.n_layers):
-            layer = layers[i] if isinstance(layers, list) else jax.tree.map(lambda w: w[i], layers)
+        out_in = isinstance(layers, list)
+        for i, layer in enumerate(layers if out_in else _split_layers(layers, config.n_layers)):
             x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (ks[i], vs[i]),
-                                           out_in=isinstance(layers, list))
+                                           out_in=out_in)
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps), {**cache, "k": ks, "v": vs}
 
 
