@@ -153,7 +153,8 @@ def generate(params, config: ModelConfig, prompts: list[list[int]], *, max_new_t
              min_p: float | None = None, seed: int = 0, stop_tokens=(), repetition_penalty: float | None = None
              ) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each list ending at (and including) its first
-    stop token. temperature=0 is greedy. The whole generation is one jitted prefill + lax.while_loop."""
+    stop token. temperature=0 is greedy. The whole generation is one jitted prefill + lax.while_loop. It computes
+    in config.dtype; on a CPU float32 decodes faster than bfloat16 (docs/benchmarks.md)."""
     params, tokens, lengths, max_len, sampler = _prepare(params, config, prompts, max_new_tokens, temperature, top_k,
                                                          top_p, min_p, stop_tokens, repetition_penalty)
     out = _generate_jit(params, tokens, lengths, jax.random.key(seed), config, sampler, max_len, max_new_tokens)

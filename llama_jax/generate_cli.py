@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from llama_jax import chat
 from llama_jax.checkpoint import ResumeError
 from llama_jax.config import ConfigError
@@ -34,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: float32 on a CPU, the checkpoint's elsewhere)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (see llama_jax/chat.py)")
     p.add_argument("--system", help="system message for --chat")
     return p.parse_args(argv)
@@ -89,10 +92,21 @@ def _summary(n_prompt: int, prefill_s: float, n_new: int, decode_s: float) -> st
             f"decode: {n_new} tokens in {decode_s:.2f}s ({rate(n_new, decode_s)}, after the compiling first step)")
 
 
+def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
+    """The compute dtype to decode in. On a CPU a bfloat16 checkpoint decodes in float32 unless asked otherwise:
+    XLA:CPU has no bfloat16 matrix-vector kernels, so it converts each step's weights (and KV cache) to float32,
+    and streamed decoding ran 2-3x slower than in float32 (docs/benchmarks.md). The parameters are float32 either
+    way (training keeps float32 master weights)."""
+    if requested or checkpoint_dtype == "float32" or jax.default_backend() != "cpu":
+        return requested or checkpoint_dtype
+    print(f"note: the checkpoint computes in {checkpoint_dtype}; decoding in float32, which is faster on a CPU "
+          f"(--dtype {checkpoint_dtype} to keep it)", file=sys.stderr)
+    return "float32"
+
+
 def run(args) -> None:
     config, params, tok = load(args.checkpoint, args.step)
-    if args.dtype:
-        config = config.replace(dtype=args.dtype)
+    config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
     if args.num_samples < 1:
         raise UsageError(f"--num-samples={args.num_samples} must be >= 1")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -12,7 +12,7 @@ import torch
 
 import llama_jax as lj
 from llama_jax import decode as G
-from llama_jax import sampling
+from llama_jax import generate_cli, sampling
 from llama_jax.generate_cli import TextStream, chat_loop
 from llama_jax.model import unstack_layers
 from llama_jax.tokenizer import train_tokenizer
@@ -217,6 +217,21 @@ def test_cli_bad_inputs_get_one_line(hf_dir, tmp_path):
                            (["--max-new-tokens", "1000"], "exceeds the model's context of 256 tokens")):
         code, err = run("--checkpoint", str(path), "--prompt", "hi", *flags)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_cli_decodes_a_bfloat16_checkpoint_in_float32_on_a_cpu(hf_dir, monkeypatch, capsys):
+    path, _, _ = hf_dir
+    real_load = generate_cli.load
+    monkeypatch.setattr(generate_cli, "load", lambda p, s: (lambda c, w, t: (c.replace(dtype="bfloat16"), w, t))(
+        *real_load(p, s)))
+    seen = []
+    monkeypatch.setattr(generate_cli, "_stream_one", lambda params, config, *rest: seen.append(config.dtype))
+    for flags in ([], ["--dtype", "bfloat16"], ["--dtype", "float32"]):
+        generate_cli.run(generate_cli.parse_args(["--checkpoint", str(path), "--prompt", "hi", *flags]))
+    err = capsys.readouterr().err
+    assert seen == (["float32", "bfloat16", "float32"] if jax.default_backend() == "cpu" else
+                    ["bfloat16", "bfloat16", "float32"])
+    assert err.count("decoding in float32") == (jax.default_backend() == "cpu"), err
 
 
 def test_text_stream_holds_back_split_characters(hf_dir):
