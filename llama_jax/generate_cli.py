@@ -97,8 +97,10 @@ def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
     XLA:CPU has no bfloat16 matrix-vector kernels, so it converts each step's weights (and KV cache) to float32,
     and streamed decoding ran 2-3x slower than in float32 (docs/benchmarks.md). The parameters are float32 either
     way (training keeps float32 master weights)."""
-    if requested or checkpoint_dtype == "float32" or jax.default_backend() != "cpu":
-        return requested or checkpoint_dtype
+    if requested:
+        return requested
+    if checkpoint_dtype == "float32" or jax.default_backend() != "cpu":
+        return checkpoint_dtype
     print(f"note: the checkpoint computes in {checkpoint_dtype}; decoding in float32, which is faster on a CPU "
           f"(--dtype {checkpoint_dtype} to keep it)", file=sys.stderr)
     return "float32"

@@ -222,8 +222,12 @@ def test_cli_bad_inputs_get_one_line(hf_dir, tmp_path):
 def test_cli_decodes_a_bfloat16_checkpoint_in_float32_on_a_cpu(hf_dir, monkeypatch, capsys):
     path, _, _ = hf_dir
     real_load = generate_cli.load
-    monkeypatch.setattr(generate_cli, "load", lambda p, s: (lambda c, w, t: (c.replace(dtype="bfloat16"), w, t))(
-        *real_load(p, s)))
+
+    def load_as_bfloat16(checkpoint, step):
+        config, params, tok = real_load(checkpoint, step)
+        return config.replace(dtype="bfloat16"), params, tok
+
+    monkeypatch.setattr(generate_cli, "load", load_as_bfloat16)
     seen = []
     monkeypatch.setattr(generate_cli, "_stream_one", lambda params, config, *rest: seen.append(config.dtype))
     for flags in ([], ["--dtype", "bfloat16"], ["--dtype", "float32"]):
