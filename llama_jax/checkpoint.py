@@ -2,21 +2,34 @@
 ("meta") holding the data iterator state, the resolved config and the tokenizer.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash or kill mid-save
-leaves only the earlier steps visible; a step that still fails to restore is skipped for the one before it.
+leaves only the earlier steps visible. A step that is visible but still cannot be used (a damaged file, a deleted
+part, non-finite parameters) is moved aside to `STEP.bad`, with one warning line, and the step before it is used:
+the run can then save that step number again.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import os
+import re
 import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from llama_jax import train as T
+from llama_jax.config import ConfigError, ModelConfig, RunConfig, build, dump_yaml, load_run_config
 
 
 class ResumeError(ValueError):
     """A checkpoint that cannot be resumed from; one line naming the directory and the problem."""
+
+
+class SaveError(RuntimeError):
+    """An asynchronous save that failed (disk full, permissions); one line naming the directory and the error."""
 
 
 def manager(directory: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -25,10 +38,48 @@ def manager(directory: str | Path, keep: int = 3, async_save: bool = True) -> oc
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-    """Starts an (asynchronous) save; device buffers are copied before this returns, so `state` may be donated."""
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-             force=True)
+def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, where: str | Path | None = None) -> None:
+    """Starts an (asynchronous) save; device buffers are copied before this returns, so `state` may be donated.
+    `where` names the directory in messages as the user gave it."""
+    try:
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                 force=True)
+    except Exception as e:  # the previous asynchronous save failed (Orbax raises it here), or this one did
+        raise _save_error(e, where or mgr.directory) from None
+
+
+def finish_saving(mgr: ocp.CheckpointManager, where: str | Path, block: bool = True) -> None:
+    """Raises SaveError if an asynchronous save has failed; with block=False only once it has ended."""
+    if not block and mgr.is_saving_in_progress():
+        return
+    try:
+        mgr.wait_until_finished()
+    except Exception as e:
+        raise _save_error(e, where) from None
+
+
+def _save_error(error: Exception, where) -> SaveError:
+    return SaveError(f"saving a checkpoint in {where} failed: {_short(error)}; the previous checkpoint is kept")
+
+
+def close(mgr: ocp.CheckpointManager) -> None:
+    """Closes a manager whose failure, if any, was already reported."""
+    try:
+        mgr.close()
+    except Exception:
+        pass
+
+
+def _short(error: Exception) -> str:
+    """The operating system's words for a failed write ("No space left on device"), else the error's last line."""
+    text = str(error)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def encode_bytes(data: bytes) -> str:
@@ -39,37 +90,165 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def restore(mgr: ocp.CheckpointManager, abstract_state, step: int | None = None, check=None):
-    """Restores (step, state, meta) onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding),
-    from `step` or the newest step that reads back; None if there is no checkpoint. `check(meta)` runs before
-    the arrays are read (to refuse an incompatible config with a clear message)."""
+def step_dirs(ckpt_dir: str | Path) -> list[int]:
+    """Steps with a directory in `ckpt_dir` (complete or not; Orbax's temporary directories are not steps)."""
+    d = Path(ckpt_dir)
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir()) if d.is_dir() else []
+
+
+def restore(mgr: ocp.CheckpointManager, abstract_state, step: int | None = None, check=None,
+            where: str | Path | None = None):
+    """Restores (step, state, meta) from `step` or else the newest step that reads back and holds finite
+    parameters; None if no step does. `abstract_state` gives the target shapes and shardings (ShapeDtypeStructs
+    with .sharding), or is a function of the step's meta that returns them. `check(meta)` runs before the arrays
+    are read, to refuse an incompatible config with a clear message. Unusable steps are moved aside
+    (`STEP.bad`) unless `step` is given, which fails with one line instead. `where` names the directory in
+    messages as the user gave it."""
+    where = Path(where) if where is not None else Path(mgr.directory)
     steps = sorted(mgr.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
-            raise ResumeError(f"{mgr.directory}: no checkpoint for step {step} (have {sorted(steps) or 'none'})")
+            raise ResumeError(f"{where}: no checkpoint for step {step} (steps: {_listing(steps)})")
         steps = [step]
     for s in steps:
         try:
             meta = read_meta(mgr, s)
-        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-            _unreadable(mgr, s, e, fatal=step is not None)
-            continue
-        if check is not None:
-            check(meta)
-        try:
-            state = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+            if check is not None:
+                check(meta)
+            abstract = abstract_state(meta) if callable(abstract_state) else abstract_state
+            state = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+            if not _finite(state.params):
+                raise _NonFinite("its parameters are not all finite")
             return s, state, meta
-        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-            _unreadable(mgr, s, e, fatal=step is not None)
+        except (ResumeError, ConfigError):
+            raise
+        except Exception as e:  # Orbax raises plain Exception, ValueError, KeyError, OSError... for a bad step
+            reason = str(e) if isinstance(e, _NonFinite) else f"unreadable: {_short(e)}"
+            if step is not None:
+                raise ResumeError(f"{where}/{s}: {reason} (steps: {_listing(mgr.all_steps())})") from None
+            moved = _move_aside(mgr, s)
+            print(f"warning: checkpoint {where}/{s} is {reason}; "
+                  f"{'moved it to ' + str(where / moved) + ', ' if moved else ''}using the previous one",
+                  file=sys.stderr)
     return None
 
 
-def _unreadable(mgr, step: int, error: Exception, fatal: bool) -> None:
-    if fatal:
-        raise ResumeError(f"{mgr.directory}/{step}: unreadable checkpoint ({type(error).__name__})") from None
-    print(f"warning: checkpoint {mgr.directory}/{step} is unreadable ({type(error).__name__}); "
-          "trying the previous one", file=sys.stderr)
+class _NonFinite(ValueError):
+    pass
+
+
+def _finite(params) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(jax.device_get(x))))) for x in jax.tree.leaves(params)
+               if jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+
+
+def _listing(steps) -> str:
+    return ", ".join(map(str, sorted(steps))) or "none"
+
+
+def _move_aside(mgr: ocp.CheckpointManager, step: int) -> str | None:
+    """Renames a bad step directory to STEP.bad (STEP.bad.1, ...) so that the step can be saved again."""
+    if jax.process_index() != 0:
+        return None
+    src = Path(mgr.directory) / str(step)
+    name, n = f"{step}.bad", 0
+    while (src.parent / name).exists():
+        n += 1
+        name = f"{step}.bad.{n}"
+    try:
+        os.rename(src, src.parent / name)
+    except OSError:
+        return None
+    mgr.reload()
+    return name
 
 
 def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def run_config_of(meta: dict) -> RunConfig:
+    """The run's config as its checkpoint recorded it."""
+    saved = meta["config"]
+    base = load_run_config(None, [])
+    return dataclasses.replace(base, model=build(ModelConfig, saved["model"], "model"),
+                               train=build(type(base.train), saved["train"], "train"))
+
+
+def load_run_params(run_dir, step: int | None = None):
+    """(ModelConfig, params, meta) from a run directory's newest readable (or given) checkpoint, onto the default
+    device. Damaged newer steps are moved aside with a warning; none readable is a ResumeError."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if not step_dirs(ckpt_dir):
+        raise ResumeError(f"{run_dir}: no checkpoint in {ckpt_dir}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(meta):
+        config = run_config_of(meta)
+        shapes = jax.eval_shape(lambda: T.init_state(config.model, config.train, jax.random.key(0)))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+    mgr = manager(ckpt_dir, async_save=False)
+    try:
+        got = restore(mgr, abstract, step, where=ckpt_dir)
+    finally:
+        close(mgr)
+    if got is None:
+        raise ResumeError(f"{run_dir}: no readable checkpoint in {ckpt_dir}")
+    step, state, meta = got
+    return run_config_of(meta).model, state.params, meta | {"step": step}
+
+
+def save_imported(run_dir, model_config: ModelConfig, params, tokenizer_bytes: bytes, loader_state: dict) -> Path:
+    """Writes weights from elsewhere (e.g. Hugging Face) as step 0 of a new run directory, with a fresh optimizer
+    state, so that generate.py, train.py --init-from and --resume can use it."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} exists and is not empty; choose a new directory")
+    base = load_run_config(None, [f"train.seq_len={min(256, model_config.max_seq_len)}"])
+    config = dataclasses.replace(base, model=model_config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "tokenizer.model").write_bytes(tokenizer_bytes)
+    dump_yaml(config, run_dir / "config.yaml")
+    state = T.init_state(model_config, config.train, jax.random.key(0), params)
+    mgr = manager(run_dir / "checkpoints", async_save=False)
+    meta = {"step": 0, "loader": loader_state, "config": config.to_dict(), "tokenizer": encode_bytes(tokenizer_bytes)}
+    save(mgr, 0, state, meta)
+    mgr.wait_until_finished()
+    mgr.close()
+    return run_dir
+
+
+def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
+    """"run" (a training run directory: config.yaml and checkpoints/) or "hf" (a Hugging Face directory:
+    config.json and safetensors weights); anything else, or a directory that is both, is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{flag} {path}: no such file or directory")
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {path}: expected a directory (a training run or a Hugging Face checkpoint)")
+    is_run = (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
+    is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
+    if is_run and is_hf:
+        raise ConfigError(f"{flag} {path}: holds both a training run (config.yaml, checkpoints/) and a Hugging Face "
+                          "checkpoint (config.json, *.safetensors); move one of them to its own directory")
+    if is_run:
+        return "run"
+    if is_hf:
+        return "hf"
+    if (path / "checkpoints").is_dir():
+        raise ConfigError(f"{flag} {path}: has checkpoints/ but no config.yaml (not a training run directory)")
+    if (path / "config.json").is_file():
+        raise ConfigError(f"{flag} {path}: has config.json but no *.safetensors weights (not a Hugging Face "
+                          "checkpoint directory with safetensors weights)")
+    raise ConfigError(f"{flag} {path}: neither a training run directory (config.yaml and checkpoints/) nor a "
+                      "Hugging Face Llama directory (config.json and *.safetensors)")
+
+
+def write_config_yaml(config: RunConfig, run_dir: str | Path) -> None:
+    """config.yaml, replaced atomically (a kill mid-write never leaves half a config)."""
+    path = Path(run_dir) / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    dump_yaml(config, tmp)
+    os.replace(tmp, path)

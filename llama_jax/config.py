@@ -6,7 +6,9 @@ with a one-line `ConfigError` naming the field.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -189,12 +191,54 @@ def apply_overrides(raw: dict, overrides: list[str], sections: tuple[str, ...]) 
 
 
 def _parse_scalar(text: str):
-    # YAML gives 3 -> int, true -> bool, null -> None; anything it cannot parse (globs like *.txt) stays a string.
+    """A command-line value as a YAML scalar: 3 -> int, true -> bool, null -> None; a string keeps its text, with
+    backslash escapes read as YAML's double-quoted ones ('\\n\\n' is two newlines). Anything YAML cannot parse
+    (globs like *.txt) stays the string as typed."""
     try:
         value = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (int, float, bool, type(None))) else text
+        value = text
+    if isinstance(value, (int, float, bool, type(None))):
+        return value
+    if "\\" in text:
+        try:
+            unescaped = yaml.safe_load('"' + text.replace('"', '\\"') + '"')
+            if isinstance(unescaped, str):
+                return unescaped
+        except yaml.YAMLError:
+            pass
+    return text
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The one-line comment after each field in the class's source: the flag help of `train.py --help`."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE)
+    return {name: comment.strip() for name, comment in found}
+
+
+def add_config_flags(parser) -> None:
+    """Adds `--section.key VALUE` (or `=VALUE`) for every config field to an argparse parser, one group per
+    section, with the field's type, default and comment as help. `overrides_from_args` reads them back."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings (override a preset: --{section}.KEY VALUE)")
+        comments = _field_comments(cls)
+        for field in dataclasses.fields(cls):
+            default = field.default
+            text = comments.get(field.name, "")
+            group.add_argument(f"--{section}.{field.name}", dest=f"{section}.{field.name}", default=argparse.SUPPRESS,
+                               metavar=str(field.type).replace(" ", ""),
+                               help=f"{text} (default: {default!r})".replace("%", "%%"))
+
+
+def overrides_from_args(args) -> list[str]:
+    """The `section.key=value` strings of the config flags given on the command line."""
+    return [f"{key}={value}" for key, value in vars(args).items() if "." in key and key.split(".")[0] in SECTIONS]
 
 
 def to_dict(config) -> dict:

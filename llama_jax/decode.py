@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Iterator
 
 import flax.struct
@@ -107,11 +108,34 @@ _prefill_jit = jax.jit(prefill, static_argnames=("config", "sampler", "max_len",
 _decode_jit = jax.jit(decode_step, static_argnames=("config", "sampler"), donate_argnums=1)
 
 
+def as_prompt_lists(prompts) -> list[list[int]]:
+    """Prompts as lists of Python ints, from a list of token-id sequences (lists, tuples, 1-D arrays) or a 2-D
+    integer array (a row per prompt); a flat list of ids is refused, since it could mean one prompt or many."""
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts as an array must be 2-D [batch, length], got shape {prompts.shape}")
+        prompts = list(prompts)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists, one per row")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (numbers.Integral, str)):
+            raise ValueError(f"prompts[{i}] is {p!r}, not a list of token ids: prompts is a list of rows, e.g. "
+                             "[[1, 42, 7]] for one prompt")
+        arr = np.asarray(p)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"prompts[{i}] must be a sequence of integer token ids, got {arr.dtype} of shape "
+                             f"{arr.shape}")
+        out.append([int(t) for t in arr])
+    return out
+
+
 def _pad_prompts(prompts, config: ModelConfig, max_new_tokens: int):
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    max_new_tokens = int(max_new_tokens)
     lengths = np.array([len(p) for p in prompts], np.int32)
     need = int(lengths.max()) + max_new_tokens
     if need > config.max_seq_len:
@@ -143,8 +167,11 @@ def _prepare(params, config, prompts, max_new_tokens, temperature, top_k, top_p,
              repetition_penalty):
     """Checks the arguments, pads the prompts and lays the weights out for decoding (shared by generate/stream)."""
     sampling.check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
-    tokens, lengths, max_len = _pad_prompts(prompts, config, max_new_tokens)
-    sampler = Sampler(float(temperature), top_k, top_p, min_p, repetition_penalty, tuple(int(t) for t in stop_tokens))
+    model.check_params(params, config)
+    tokens, lengths, max_len = _pad_prompts(as_prompt_lists(prompts), config, max_new_tokens)
+    as_float = lambda x: None if x is None else float(x)  # NumPy scalars become plain (hashable, static) numbers
+    sampler = Sampler(float(temperature), None if top_k is None else int(top_k), as_float(top_p), as_float(min_p),
+                      as_float(repetition_penalty), tuple(int(t) for t in np.ravel(np.asarray(stop_tokens, int))))
     return model.unstack_layers(params, config.dtype), tokens, lengths, max_len, sampler
 
 
@@ -157,7 +184,7 @@ def generate(params, config: ModelConfig, prompts: list[list[int]], *, max_new_t
     in config.dtype; on a CPU float32 decodes faster than bfloat16 (docs/benchmarks.md)."""
     params, tokens, lengths, max_len, sampler = _prepare(params, config, prompts, max_new_tokens, temperature, top_k,
                                                          top_p, min_p, stop_tokens, repetition_penalty)
-    out = _generate_jit(params, tokens, lengths, jax.random.key(seed), config, sampler, max_len, max_new_tokens)
+    out = _generate_jit(params, tokens, lengths, jax.random.key(seed), config, sampler, max_len, int(max_new_tokens))
     return [_trim(row, sampler.stop_tokens) for row in np.asarray(out)]
 
 
@@ -165,9 +192,14 @@ def stream(params, config: ModelConfig, prompts: list[list[int]], *, max_new_tok
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            min_p: float | None = None, seed: int = 0, stop_tokens=(), repetition_penalty: float | None = None
            ) -> Iterator[np.ndarray]:
-    """Yields int32 [B] tokens step by step (-1 for rows already stopped); same tokens as `generate`."""
+    """Yields int32 [B] tokens step by step (-1 for rows already stopped); same tokens as `generate`. The
+    arguments are checked when it is called, before the first token is asked for."""
     params, tokens, lengths, max_len, sampler = _prepare(params, config, prompts, max_new_tokens, temperature, top_k,
                                                          top_p, min_p, stop_tokens, repetition_penalty)
+    return _stream(params, tokens, lengths, max_len, sampler, config, int(max_new_tokens), seed)
+
+
+def _stream(params, tokens, lengths, max_len, sampler, config, max_new_tokens, seed):
     state = _prefill_jit(params, tokens, lengths, config, sampler, max_len, max_new_tokens, jax.random.key(seed))
     for i in range(max_new_tokens):
         if i > 0:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import codecs
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,10 +12,12 @@ from pathlib import Path
 import jax
 
 from llama_jax import chat
-from llama_jax.checkpoint import ResumeError
+from llama_jax.checkpoint import ResumeError, checkpoint_kind, load_run_params
+from llama_jax.cli import USER_ERROR, ArgumentParser, fail, quiet_library_noise
 from llama_jax.config import ConfigError
 from llama_jax.decode import generate, stream
 from llama_jax.hf import CheckpointError, load_hf_checkpoint
+from llama_jax.sampling import check_sampling_args
 from llama_jax.tokenizer import Tokenizer, TokenizerError
 
 
@@ -23,17 +26,17 @@ class UsageError(ValueError):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
+    p = ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face Llama directory")
     p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="keep the most likely tokens whose probabilities sum to p")
+    p.add_argument("--min-p", type=float, help="keep tokens at least min-p times as likely as the most likely one")
+    p.add_argument("--repetition-penalty", type=float, help="divide the logits of tokens already seen (CTRL)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -43,24 +46,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args) -> list[str]:
+    """Checks the flags that need no checkpoint and reads the prompt files: everything that can fail is checked
+    before anything is loaded or printed. Returns the prompt texts."""
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples={args.num_samples} must be >= 1")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    except ValueError as e:
+        raise UsageError("--" + str(e).replace("_", "-")) from None
+    if args.chat and (args.prompt or args.prompt_file or args.num_samples != 1):
+        raise UsageError("--chat reads its prompts interactively; leave out --prompt, --prompt-file and "
+                         "--num-samples")
+    texts = list(args.prompt)
+    for f in args.prompt_file:
+        try:
+            texts.append(Path(f).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"--prompt-file {f}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {f}: invalid UTF-8 at byte offset {e.start}") from None
+        except OSError as e:
+            raise UsageError(f"--prompt-file {f}: {e.strerror}") from None
+    return texts
+
+
 def load(path: str | Path, step: int | None = None):
     """(config, params, tokenizer) from a run directory or a Hugging Face directory, with one-line errors."""
     path = Path(path)
-    if not path.exists():
-        raise UsageError(f"--checkpoint {path}: no such directory")
-    if (path / "checkpoints").is_dir():
-        from llama_jax.loop import load_run_params
-
-        config, params, _ = load_run_params(path, step)
-    elif (path / "config.json").is_file():
-        config, params = load_hf_checkpoint(path)
-    else:
-        raise UsageError(f"--checkpoint {path}: neither a training run directory (with checkpoints/) nor a Hugging "
-                         "Face Llama directory (with config.json)")
+    kind = checkpoint_kind(path)
+    if step is not None and kind != "run":
+        raise UsageError(f"--step {step}: {path} is a Hugging Face directory, which has no steps")
     tok_file = path / "tokenizer.model"
-    if not tok_file.is_file():
+    if kind == "hf" and not tok_file.is_file():
         raise UsageError(f"{path}: no tokenizer.model beside the checkpoint (a SentencePiece model is required)")
-    tok = Tokenizer(tok_file)
+    if kind == "run":
+        config, params, meta = load_run_params(path, step)
+        import base64
+
+        tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), tok_file) if "tokenizer" in meta \
+            else Tokenizer(tok_file)
+    else:
+        config, params = load_hf_checkpoint(path)
+        tok = Tokenizer(tok_file)
     if tok.vocab_size > config.vocab_size:
         raise UsageError(f"{tok_file}: the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
                          f"{config.vocab_size}; they do not belong together")
@@ -107,22 +137,20 @@ def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
 
 
 def run(args) -> None:
+    texts = check_args(args)
     config, params, tok = load(args.checkpoint, args.step)
     config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples={args.num_samples} must be >= 1")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
     if args.chat:
         return chat_loop(params, config, tok, sampling, args.system)
-    texts = list(args.prompt)
-    for f in args.prompt_file:
-        if not Path(f).is_file():
-            raise UsageError(f"--prompt-file {f}: no such file")
-        texts.append(Path(f).read_text(encoding="utf-8"))
     if not texts:
         texts = [""]  # unconditional: BOS alone
     prompts = [tok.encode(t, bos=True) for t in texts for _ in range(args.num_samples)]
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > config.max_seq_len:
+        raise UsageError(f"the prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                         f"model's context of {config.max_seq_len} tokens")
     stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
     if len(prompts) == 1:
         return _stream_one(params, config, tok, prompts[0], texts[0], stops, sampling)
@@ -138,10 +166,11 @@ def run(args) -> None:
 
 
 def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> None:
+    tokens = stream(params, config, [prompt], stop_tokens=stops, **sampling)  # checks its arguments now
     print(prompt_text, end="", flush=True)
     out = TextStream(tok)
     times = [time.perf_counter()]  # start, then the arrival of each token
-    for token in stream(params, config, [prompt], stop_tokens=stops, **sampling):
+    for token in tokens:
         token = int(token[0])
         times.append(time.perf_counter())
         if token < 0 or token in stops:
@@ -200,13 +229,19 @@ def chat_loop(params, config, tok, sampling, system=None, read=input) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    quiet_library_noise()
     try:
+        args = parse_args(argv)
         run(args)
+    except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
+        return e.code if isinstance(e.code, int) else USER_ERROR
     except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # the reader (e.g. `| head`) went away: not an error
+        sys.stdout = open(os.devnull, "w")
         return 0
     return 0
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.cli import apply_umask
 from llama_jax.config import ConfigError, ModelConfig
 
 # ours -> HF name (per layer names take the layer index), and whether the tensor is a transposed matrix.
@@ -114,8 +115,11 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                               "(only safetensors checkpoints are supported)")
-    with safe_open(single, framework="np") as f:
-        return {name: single for name in f.keys()}
+    try:
+        with safe_open(single, framework="np") as f:
+            return {name: single for name in f.keys()}
+    except Exception as e:  # safetensors' SafetensorError for a truncated or garbled header
+        raise CheckpointError(f"{single}: unreadable safetensors file ({str(e).strip()[:200]})") from None
 
 
 def load_hf_checkpoint(path, dtype=jnp.float32):
@@ -128,9 +132,19 @@ def load_hf_checkpoint(path, dtype=jnp.float32):
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face Llama checkpoint directory)")
     try:
-        config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+        hf = json.loads(config_file.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    try:
+        config = config_from_hf(hf, str(config_file))
     except KeyError as e:
         raise CheckpointError(f"{config_file}: missing key {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{config_file}: a value has the wrong type ({e})") from None
     files = _tensor_files(path)
     handles = {}
 
@@ -138,9 +152,14 @@ def load_hf_checkpoint(path, dtype=jnp.float32):
         if name not in files:
             raise CheckpointError(f"{path}: tensor {name} is missing from the checkpoint")
         file = files[name]
-        if file not in handles:
-            handles[file] = safe_open(file, framework="np")
-        tensor = handles[file].get_tensor(name)
+        try:
+            if file not in handles:
+                handles[file] = safe_open(file, framework="np")
+            tensor = handles[file].get_tensor(name)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file}: no such file (named by the checkpoint's index)") from None
+        except Exception as e:  # safetensors' SafetensorError for a truncated or garbled file
+            raise CheckpointError(f"{file}: unreadable safetensors file ({str(e).strip()[:200]})") from None
         tensor = tensor.T if transpose else tensor
         if tensor.shape != shape:
             raise CheckpointError(f"{file.name}: tensor {name} has shape {tensor.shape}, expected {shape}")
@@ -200,21 +219,25 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
         current[name] = t
         size += t.nbytes
     shards.append(current)
+    def write(shard, name):
+        save_file(shard, out / name, metadata={"format": "pt"})
+        apply_umask(out / name)  # safetensors creates its files 0600
+
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        write(shards[0], "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / fname, metadata={"format": "pt"})
+            write(shard, fname)
             weight_map.update({name: fname for name in shard})
         total = sum(t.nbytes for t in tensors.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_config = config_to_hf(config)
     if tokenizer is not None:
-        model_file = Path(getattr(tokenizer, "model_file", tokenizer))
-        (out / "tokenizer.model").write_bytes(model_file.read_bytes())
+        model_bytes = getattr(tokenizer, "model_bytes", None) or Path(tokenizer).read_bytes()
+        (out / "tokenizer.model").write_bytes(model_bytes)
         if hasattr(tokenizer, "bos_id"):
             hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -222,44 +245,104 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
 
 
 def main(argv=None) -> int:
-    """python -m llama_jax.hf export --checkpoint RUN_DIR --out HF_DIR
+    """python -m llama_jax.hf export --checkpoint RUN_DIR --out HF_DIR [--overwrite]
     python -m llama_jax.hf import --checkpoint HF_DIR --out RUN_DIR"""
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m llama_jax.hf", description="Convert to and from Hugging Face Llama.")
+    from llama_jax.cli import ArgumentParser, fail, quiet_library_noise
+
+    quiet_library_noise()
+    p = ArgumentParser(prog="python -m llama_jax.hf", description="Convert to and from Hugging Face Llama.")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="a training run's checkpoint -> a Hugging Face Llama directory")
     e.add_argument("--checkpoint", required=True, help="training run directory")
     e.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="directory to write (new or empty, unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     e.add_argument("--max-shard-gb", type=float, default=2.0)
     i = sub.add_parser("import", help="a Hugging Face Llama directory -> a run directory (Orbax checkpoint)")
     i.add_argument("--checkpoint", required=True, help="Hugging Face Llama directory")
     i.add_argument("--out", required=True, help="run directory to create")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else 2
 
-    from llama_jax.checkpoint import ResumeError
-    from llama_jax.loop import load_run_params, save_imported
+    from llama_jax import checkpoint
+    from llama_jax.data import LoaderState
     from llama_jax.tokenizer import Tokenizer, TokenizerError
 
     try:
+        src, out = Path(args.checkpoint), Path(args.out)
+        kind = checkpoint.checkpoint_kind(src)
+        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+            raise CheckpointError(f"--out {out}: inside the --checkpoint directory {src}; choose a directory outside")
         if args.command == "export":
-            config, params, _ = load_run_params(args.checkpoint, args.step)
-            tok = Path(args.checkpoint) / "tokenizer.model"
-            out = save_hf_checkpoint(args.out, config, params, Tokenizer(tok) if tok.is_file() else None,
-                                     int(args.max_shard_gb * (1 << 30)))
+            if kind != "run":
+                raise CheckpointError(f"--checkpoint {src}: export reads a training run directory (config.yaml, "
+                                      "checkpoints/); this one is a Hugging Face directory already")
+            if not args.max_shard_gb > 0:
+                raise CheckpointError(f"--max-shard-gb={args.max_shard_gb} must be > 0")
+            _check_export_target(out, args.overwrite)
+            config, params, meta = checkpoint.load_run_params(src, args.step)
+            import base64
+
+            tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), src / "tokenizer.model")
+            if args.overwrite:
+                _remove_export(out)
+            out = save_hf_checkpoint(out, config, params, tok, int(args.max_shard_gb * (1 << 30)))
         else:
-            config, params = load_hf_checkpoint(args.checkpoint)
-            tok = Path(args.checkpoint) / "tokenizer.model"
-            if not tok.is_file():
-                raise CheckpointError(f"{args.checkpoint}: no tokenizer.model (a SentencePiece model is required)")
-            out = save_imported(args.out, config, params, Tokenizer(tok))
-    except (CheckpointError, ResumeError, TokenizerError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            if kind != "hf":
+                raise CheckpointError(f"--checkpoint {src}: import reads a Hugging Face directory (config.json, "
+                                      "*.safetensors); this one is a training run directory already")
+            tok_file = src / "tokenizer.model"
+            if not tok_file.is_file():
+                raise CheckpointError(f"{src}: no tokenizer.model (a SentencePiece model is required)")
+            tok = Tokenizer(tok_file)
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                raise CheckpointError(f"--out {out}: exists and is not an empty directory; choose a new one")
+            config, params = load_hf_checkpoint(src)
+            if tok.vocab_size > config.vocab_size:
+                raise CheckpointError(f"{tok_file}: {tok.vocab_size} pieces, more than the model's vocabulary "
+                                      f"{config.vocab_size}")
+            out = checkpoint.save_imported(out, config, params, tok.model_bytes,
+                                           LoaderState(seed=0).to_dict())
+    except (CheckpointError, checkpoint.ResumeError, TokenizerError, ConfigError) as err:
+        return fail(str(err))
     print(f"wrote {out}")
+    sys.stdout.flush()
     return 0
+
+
+_EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "model.safetensors",
+                 "model.safetensors.index.json")
+
+
+def _is_export_file(p: Path) -> bool:
+    return p.name in _EXPORT_FILES or (p.name.startswith("model-") and p.name.endswith(".safetensors"))
+
+
+def _check_export_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"--out {out}: not empty; pass --overwrite to replace the export there, or choose "
+                              "another directory")
+    others = sorted(p.name for p in out.iterdir() if not _is_export_file(p))
+    if others:
+        raise CheckpointError(f"--out {out}: holds files that are not part of an export ({', '.join(others[:3])}); "
+                              "--overwrite only replaces an earlier export")
+
+
+def _remove_export(out: Path) -> None:
+    """Removes an earlier export's files, so no stale shard or index survives beside the new one."""
+    if out.is_dir():
+        for p in out.iterdir():
+            if _is_export_file(p):
+                p.unlink()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
-"""The training run behind `train.py`: run directory, tokenizer, data, mesh, checkpoints, signals and logging."""
+"""The training run behind `train.py`, as a short sequence of named steps that a notebook can call one by one:
+
+    config  -> check_run (refuses what cannot work before anything is written) -> RunLock (one writer)
+    -> initial_state (restore a checkpoint, or init / --init-from) -> prepare_tokenizer -> prepare_data
+    -> write config.yaml -> train_loop -> finish
+
+Nothing is written to the run directory until every check has passed; config.yaml only once the data is ready.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shutil
+import fcntl
+import json
+import os
 import signal
 import sys
 import time
@@ -13,248 +21,413 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax import checkpoint, data, model, sharding
+from llama_jax import checkpoint, cli, data, model, sharding
 from llama_jax import train as T
-from llama_jax.config import ConfigError, RunConfig, dump_yaml, load_run_config
+from llama_jax.config import ConfigError, RunConfig, add_config_flags, load_run_config, overrides_from_args
 from llama_jax.hf import CheckpointError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
 from llama_jax.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
-ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, CheckpointError)
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops before the update reaches a checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """A stop signal during start-up, before there is anything to save; exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, checkpoint.SaveError,
+          CheckpointError, TrainingDiverged)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="train.py", description="Pretrain or fine-tune a LLaMA-style model.",
-        epilog="Any config field can be overridden with --section.key=value, e.g. --train.steps=200 "
-               "--model.dim=256 --data.path='corpus/*.txt'.")
+        epilog="Every config field below can be given as --section.key VALUE or --section.key=VALUE; values are "
+               "YAML scalars ('--data.separator=\\n\\n' is two newlines).")
     p.add_argument("--config", help="YAML preset with model/data/train sections (configs/*.yaml)")
-    p.add_argument("--run-dir", help="directory for checkpoints, metrics and the tokenizer (default runs/<config>)")
+    p.add_argument("--run-dir", help="directory for checkpoints, metrics and the tokenizer (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
-    p.add_argument("--init-from", help="start from these weights: a run directory or a Hugging Face Llama directory")
+    p.add_argument("--init-from", help="start from these weights: a run directory or a Hugging Face Llama directory "
+                                       "(same as --train.init_from)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4,tensor=1 (same as --train.mesh)")
     p.add_argument("--coordinator", help="multi-host: address:port of process 0 (calls jax.distributed.initialize)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    p.add_argument("--distributed-timeout", type=int, default=300,
+                   help="multi-host: seconds to wait for all processes to connect, and to shut down together")
+    p.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="multi-host: seconds without a heartbeat after which a process counts as dead")
+    add_config_flags(p)
     args, rest = p.parse_known_args(argv)
-    overrides = []
     for item in rest:
-        if not item.startswith("--") or "=" not in item or "." not in item.split("=")[0]:
-            p.error(f"unrecognized argument {item!r} (overrides look like --section.key=value)")
-        overrides.append(item[2:])
+        key = item[2:].split("=")[0] if item.startswith("--") else ""
+        section, dot, name = key.partition(".")
+        if dot and section in ("model", "data", "train"):
+            from llama_jax.config import SECTIONS
+
+            known = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+            p.error(f"unknown key {key} (known: {known})")
+        p.error(f"unrecognized argument {item!r}")
+    overrides = overrides_from_args(args)
     if args.mesh is not None:
         overrides.append(f"train.mesh={args.mesh}")
     if args.init_from is not None:
         overrides.append(f"train.init_from={args.init_from}")
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi) and not all(v is not None for v in multi):
+        p.error("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        p.error(f"--process-id {args.process_id} must be in [0, --num-processes={args.num_processes})")
     return args, overrides
 
 
 def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
+    signals = Signals()
+    cli.quiet_library_noise()
     try:
-        if args.coordinator or args.num_processes:
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        run(args.config, overrides, args.run_dir, args.resume)
+        args, overrides = parse_args(argv)
+        if args.coordinator:
+            _start_distributed(args)
+        run(args.config, overrides, args.run_dir, args.resume, signals)
+    except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
+        return e.code if isinstance(e.code, int) else cli.USER_ERROR
     except ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(str(e))
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        signals.restore()
     return 0
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+def _start_distributed(args) -> None:
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   initialization_timeout=args.distributed_timeout,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                   shutdown_timeout_seconds=args.distributed_timeout)
+    except Exception as e:  # bad address, coordinator unreachable, timeout: one line, not the C++ status dump
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--coordinator {args.coordinator}: could not connect the {args.num_processes} processes "
+                          f"({first})") from None
 
 
-class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+class Signals:
+    """SIGINT/SIGTERM. During start-up: stop at once with one line (nothing to save yet). During training: set a
+    flag; the loop finishes its step, saves and exits 0. Further signals while that save runs are reported and
+    ignored, so the stop checkpoint is never lost to an impatient second Ctrl-C (SIGKILL still stops at once;
+    the previous checkpoint then stays the one to resume from)."""
 
     def __init__(self):
         self.signal = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.training = False
+        self._old = {}
+        try:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            pass
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: the user really means it
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if not self.training:
+            raise Interrupted(f"stopped by {name} during start-up, before the first step; nothing was saved", signum)
+        if self.signal is None:
+            self.signal = name
+            print(f"\n{name}: finishing this step, then saving a checkpoint and stopping", file=sys.stderr)
+        else:
+            print(f"\n{name} again: still stopping; waiting for the checkpoint to be written", file=sys.stderr)
 
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
 
 
-def _tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None) -> Tokenizer:
+class RunLock:
+    """One writer per run directory: an exclusive flock on RUN_DIR/train.lock, released by the kernel on any exit
+    (a crash or SIGKILL included, so a lock is never stale)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "train.lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            raise ConfigError(f"{run_dir} is in use by another train.py (pid {pid}); wait for it to finish or "
+                              "choose another --run-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps of a run.
+
+
+def load_config(config_path, overrides, run_dir: Path, resume: bool) -> RunConfig:
+    if config_path is None and resume and (run_dir / "config.yaml").is_file():
+        config_path = run_dir / "config.yaml"
+    return load_run_config(config_path, overrides)
+
+
+def check_run(config: RunConfig, run_dir: Path, resume: bool):
+    """Everything that can be refused before anything is written; returns the mesh."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
+    has_ckpt = bool(checkpoint.step_dirs(run_dir / "checkpoints"))
+    if has_ckpt and not resume:
+        raise ConfigError(f"{run_dir} already has checkpoints; pass --resume to continue, or choose another --run-dir")
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from; leave out --resume to start a "
+                          "new run there")
+    mesh = sharding.make_mesh(config.train.mesh)
+    tc = config.train
+    micro, ways = tc.batch_size // tc.grad_accum, sharding.batch_size_divisor(mesh)
+    if micro % ways or tc.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={tc.batch_size} / grad_accum={tc.grad_accum} = {micro} sequences per "
+                          f"micro-batch must be divisible by the mesh's data x fsdp = {ways} and by the "
+                          f"{jax.process_count()} processes")
+    if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer={config.data.tokenizer}: no such file")
+    data.expand_paths(config.data.path) if config.data.path else None  # a missing corpus fails here, not later
+    return mesh
+
+
+def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool):
+    """(config, state, step, loader state, restored meta or None, init_from directory or None). Resuming restores
+    the newest usable checkpoint onto the mesh; otherwise parameters are initialised or taken from
+    train.init_from (whose model config then replaces ours, execution switches aside)."""
+    init_dir, init_params = None, None
+    if config.train.init_from and not resume:
+        init_dir, model_config, init_params = _init_weights(config)
+        config = dataclasses.replace(config, model=model_config)
+    mc, tc = config.model, config.train
+    abstract = jax.eval_shape(lambda: T.init_state(mc, tc, jax.random.key(tc.seed)))
+    state_shard = sharding.state_shardings(abstract, sharding.param_specs(abstract.params, mesh), mesh)
+    if resume:
+        ckpt_dir = run_dir / "checkpoints"
+        mgr = checkpoint.manager(ckpt_dir, async_save=False)
+        try:
+            check = lambda meta: _check_compatible(meta, config, run_dir)
+            got = checkpoint.restore(mgr, checkpoint.abstract_like(abstract, state_shard), check=check,
+                                     where=ckpt_dir)
+        finally:
+            checkpoint.close(mgr)
+        if got is None:
+            raise checkpoint.ResumeError(f"--resume: no usable checkpoint left in {ckpt_dir} (the damaged ones were "
+                                         "moved aside as STEP.bad)")
+        step, state, meta = got
+        return config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta, None
+    init = jax.jit(lambda key, p: T.init_state(mc, tc, key, p), out_shardings=state_shard)
+    state = init(jax.random.key(tc.seed), init_params)
+    return config, state, state_shard, 0, data.LoaderState(seed=tc.seed), None, init_dir
+
+
+def _init_weights(config: RunConfig):
+    """(source directory, model config, params) from train.init_from: a run directory or a Hugging Face one."""
+    from llama_jax.hf import load_hf_checkpoint
+
+    src = Path(config.train.init_from)
+    if checkpoint.checkpoint_kind(src, "train.init_from") == "run":
+        model_config, params, _ = checkpoint.load_run_params(src)
+    else:
+        model_config, params = load_hf_checkpoint(src)
+    keep = {f: getattr(config.model, f) for f in ("dtype", "attention_impl", "remat", "scan_layers")}
+    return src, model_config.replace(**keep), params
+
+
+def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
+    """Refuses, before any array is read, a resume whose model config or optimizer state layout differs from the
+    checkpoint's (so such a checkpoint is never mistaken for a damaged one)."""
+    saved, now = saved_meta["config"]["model"], dataclasses.asdict(current.model)
+    keep = ("dtype", "attention_impl", "remat", "scan_layers")  # execution switches may change between runs
+    diff = [f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in now if k not in keep and saved.get(k) != now[k]]
+    if diff:
+        raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")
+    saved_train = checkpoint.run_config_of(saved_meta).train
+    layout = lambda tc: jax.tree.structure(jax.eval_shape(
+        lambda: T.make_optimizer(tc).init(jax.eval_shape(lambda: model.init_params(current.model,
+                                                                                   jax.random.key(0))))))
+    if layout(saved_train) != layout(current.train):
+        changed = [f"train.{k} (saved {getattr(saved_train, k)!r}, now {v!r})"
+                   for k, v in dataclasses.asdict(current.train).items() if getattr(saved_train, k) != v]
+        raise checkpoint.ResumeError(f"cannot resume {where}: these settings change the optimizer state's layout: "
+                                     f"{', '.join(changed)}")
+
+
+def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None, meta: dict | None
+                      ) -> Tokenizer:
+    """The run's tokenizer.model. Resuming: the checkpoint's own. Else the one given (data.tokenizer, or the
+    init_from run's), copied in; else one trained on the corpus, reused only if an earlier attempt in this
+    directory trained it on the same files with the same settings."""
     target = run_dir / "tokenizer.model"
-    source = config.data.tokenizer or (init_dir / "tokenizer.model" if init_dir else None)
-    if target.is_file() and source is None:
-        tok = Tokenizer(target)  # resuming, or re-running in the same directory
-    elif source is not None:
-        tok = Tokenizer(source)
-        if Path(source).resolve() != target.resolve():
-            shutil.copyfile(source, target)
-            tok = Tokenizer(target)
-    elif jax.process_index() == 0 or not target.is_file():
-        print(f"training a {config.data.tokenizer_type} tokenizer (vocab {config.model.vocab_size}) on the corpus",
-              file=sys.stderr)
-        if config.data.format == "chat":
-            from llama_jax.chat import conversation_texts
+    if meta is not None:  # resuming: the checkpoint holds the tokenizer it was trained with
+        import base64
 
-            texts = conversation_texts(corpus)
-        else:
-            texts = (t for _, t in data.iter_documents(corpus, config.data.text_field, config.data.separator,
-                                                       config.data.utf8_errors))
-        tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
+        saved = base64.b64decode(meta["tokenizer"])
+        if config.data.tokenizer and Path(config.data.tokenizer).read_bytes() != saved:
+            raise ConfigError(f"data.tokenizer={config.data.tokenizer} differs from the tokenizer the checkpoint in "
+                              f"{run_dir} was trained with")
+        if not target.is_file() or target.read_bytes() != saved:
+            print(f"note: restoring {target} from the checkpoint", file=sys.stderr)
+            _write_atomic(target, saved)
+        return _check_vocab(Tokenizer(target), config)
+    source = config.data.tokenizer or (init_dir / "tokenizer.model" if init_dir else None)
+    if source is not None:
+        tok = Tokenizer(source)  # fails with one line if it is not a SentencePiece model
+        if Path(source).resolve() != target.resolve():
+            _write_atomic(target, tok.model_bytes)
+        _source_record(run_dir).unlink(missing_ok=True)
+        return _check_vocab(Tokenizer(target), config)
+    record = {"corpus": data.corpus_fingerprint(corpus, config.data.text_field, config.data.separator),
+              "vocab_size": config.model.vocab_size, "type": config.data.tokenizer_type, "format": config.data.format}
+    if target.is_file():
+        if _read_json(_source_record(run_dir)) == record:
+            return _check_vocab(Tokenizer(target), config)
+        print(f"note: {target} was left by an earlier attempt with other data or settings; training a new one",
+              file=sys.stderr)
+    print(f"training a {config.data.tokenizer_type} tokenizer (vocab {config.model.vocab_size}) on the corpus",
+          file=sys.stderr)
+    if config.data.format == "chat":
+        from llama_jax.chat import conversation_texts
+
+        texts = conversation_texts(corpus, config.data.utf8_errors)
+    else:
+        texts = (t for _, t in data.iter_documents(corpus, config.data.text_field, config.data.separator,
+                                                   config.data.utf8_errors))
+    tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
+    _write_atomic(_source_record(run_dir), json.dumps(record).encode())
+    return _check_vocab(tok, config)
+
+
+def _source_record(run_dir: Path) -> Path:
+    return run_dir / "tokenizer.source.json"  # what the run's own tokenizer was trained on
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_vocab(tok: Tokenizer, config: RunConfig) -> Tokenizer:
     if tok.vocab_size > config.model.vocab_size:  # fewer is fine: padded vocabularies leave rows unused
         raise ConfigError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but model.vocab_size="
                           f"{config.model.vocab_size}; set --model.vocab_size={tok.vocab_size}")
     return tok
 
 
-def _init_weights(config: RunConfig):
-    """(model config, params) from train.init_from: a run directory or a Hugging Face directory."""
-    from llama_jax.hf import load_hf_checkpoint
-
-    src = Path(config.train.init_from)
-    if (src / "checkpoints").is_dir():
-        model_config, params, _ = load_run_params(src)
-    elif (src / "config.json").is_file():
-        model_config, params = load_hf_checkpoint(src)
-    else:
-        raise ConfigError(f"train.init_from={src}: neither a run directory (with checkpoints/) nor a Hugging Face "
-                          "directory (with config.json)")
-    keep = {f: getattr(config.model, f) for f in ("dtype", "attention_impl", "remat", "scan_layers")}
-    return src, model_config.replace(**keep), params
-
-
-def load_run_params(run_dir, step: int | None = None):
-    """(ModelConfig, params, meta) from a run directory's newest (or given) checkpoint, onto the default device."""
-    from llama_jax.config import build
-
-    mgr = checkpoint.manager(Path(run_dir) / "checkpoints", async_save=False)
-    steps = sorted(mgr.all_steps())
-    if not steps:
-        raise checkpoint.ResumeError(f"{run_dir}: no complete checkpoint in checkpoints/")
-    meta = checkpoint.read_meta(mgr, steps[-1] if step is None else step)
-    run_config = load_run_config(None, [])
-    run_config = dataclasses.replace(
-        run_config, model=build(type(run_config.model), meta["config"]["model"], "model"),
-        train=build(type(run_config.train), meta["config"]["train"], "train"))
-    abstract = jax.eval_shape(lambda: T.init_state(run_config.model, run_config.train, jax.random.key(0)))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    got = checkpoint.restore(mgr, abstract, step)
-    mgr.close()
-    if got is None:
-        raise checkpoint.ResumeError(f"{run_dir}: no readable checkpoint")
-    step, state, meta = got
-    return run_config.model, state.params, meta | {"step": step}
-
-
-def save_imported(run_dir, model_config, params, tok: Tokenizer) -> Path:
-    """Writes weights from elsewhere (e.g. Hugging Face) as step 0 of a new run directory, with a fresh optimizer
-    state, so that generate.py, train.py --init-from and --resume can use it."""
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoints").is_dir():
-        raise ConfigError(f"{run_dir} already has checkpoints; choose a new directory")
-    if tok.vocab_size > model_config.vocab_size:
-        raise ConfigError(f"{tok.model_file}: {tok.vocab_size} pieces, more than the model's vocabulary "
-                          f"{model_config.vocab_size}")
-    base = load_run_config(None, [f"train.seq_len={min(256, model_config.max_seq_len)}"])
-    config = dataclasses.replace(base, model=model_config)
-    run_dir.mkdir(parents=True)
-    shutil.copyfile(tok.model_file, run_dir / "tokenizer.model")
-    dump_yaml(config, run_dir / "config.yaml")
-    state = T.init_state(model_config, config.train, jax.random.key(0), params)
-    mgr = checkpoint.manager(run_dir / "checkpoints", async_save=False)
-    meta = {"step": 0, "loader": data.LoaderState(config.train.seed).to_dict(), "config": config.to_dict(),
-            "tokenizer": checkpoint.encode_bytes(tok.model_bytes)}
-    checkpoint.save(mgr, 0, state, meta)
-    mgr.wait_until_finished()
-    mgr.close()
-    return run_dir
-
-
-def _check_compatible(saved: dict, current: RunConfig, where: Path):
-    now = dataclasses.asdict(current.model)
-    keep = ("dtype", "attention_impl", "remat", "scan_layers")  # execution switches may change between runs
-    diff = [f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in now if k not in keep and saved.get(k) != now[k]]
-    if diff:
-        raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")
-
-
-def run(config_path, overrides, run_dir=None, resume=False) -> dict:
-    """Trains per the config; returns {"val_loss", "checkpoint", "step"}."""
-    run_dir = Path(run_dir or Path("runs") / (Path(config_path).stem if config_path else "default"))
-    if config_path is None and resume and (run_dir / "config.yaml").is_file():
-        config_path = run_dir / "config.yaml"
-    config = load_run_config(config_path, overrides)
-    ckpt_dir = run_dir / "checkpoints"
-    has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if has_ckpt and not resume:
-        raise ConfigError(f"{run_dir} already has checkpoints; pass --resume to continue, or choose another --run-dir")
-    mesh = sharding.make_mesh(config.train.mesh)  # fails fast, before any data work
-    micro, ways = config.train.batch_size // config.train.grad_accum, sharding.batch_size_divisor(mesh)
-    if micro % ways or config.train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={config.train.batch_size} / grad_accum={config.train.grad_accum} = "
-                          f"{micro} sequences per micro-batch must be divisible by the mesh's data x fsdp = {ways} "
-                          f"and by the {jax.process_count()} processes")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-
-    init_dir, init_params = None, None
-    if config.train.init_from and not has_ckpt:
-        init_dir, model_config, init_params = _init_weights(config)
-        config = dataclasses.replace(config, model=model_config)
-    corpus = config.data.path or data.default_corpus()
-    tok = _tokenizer(config, run_dir, corpus, init_dir)
-    if is_main:
-        dump_yaml(config, run_dir / "config.yaml")
-    mc, tc = config.model, config.train
-
-    # Data: prepared token files, a shuffled loader per process, validation batches.
+def prepare_data(config: RunConfig, run_dir: Path, corpus, tok: Tokenizer, progress: bool):
+    """Token files in data.cache_dir (default RUN_DIR/data); returns the (train, validation) splits."""
     cache = Path(config.data.cache_dir or run_dir / "data")
+    own_cache = config.data.cache_dir is None  # tokens of another tokenizer there are ours to replace
     if config.data.format == "chat":
         from llama_jax.chat import prepare_chat
 
-        prepare_chat(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=tc.seed, seq_len=tc.seq_len)
+        prepare_chat(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=config.train.seed,
+                     seq_len=config.train.seq_len, utf8_errors=config.data.utf8_errors)
     else:
-        data.prepare(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=tc.seed,
+        data.prepare(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=config.train.seed,
                      text_field=config.data.text_field, separator=config.data.separator,
-                     utf8_errors=config.data.utf8_errors, progress=is_main)
-    train_split, val_split = data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
+                     utf8_errors=config.data.utf8_errors, progress=progress, replace_other_tokenizer=own_cache)
+    return data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
 
-    abstract = jax.eval_shape(lambda: T.init_state(mc, tc, jax.random.key(tc.seed)))
-    state_shard = sharding.state_shardings(abstract, sharding.param_specs(abstract.params, mesh), mesh)
+
+def on_process_zero(fn):
+    """Runs fn() on process 0 while the other processes wait; they then run it too (so each gets its own handles
+    to what process 0 wrote). A failure on process 0 stops every process with one line."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except ERRORS as e:
+            error = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise ConfigError("process 0 could not prepare the run (its output says why)")
+    return result if jax.process_index() == 0 else fn()
+
+
+def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | None = None) -> dict:
+    """Trains per the config; returns {"val_loss", "checkpoint", "step", "compile_s"}."""
+    run_dir = Path(run_dir or Path("runs") / (Path(config_path).stem if config_path else "default"))
+    config = load_config(config_path, overrides, run_dir, resume)
+    mesh = check_run(config, run_dir, resume)
+    is_main = jax.process_index() == 0
+    own_signals = signals is None
+    signals = signals or Signals()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir) if is_main else None
+    try:
+        config, state, state_shard, step0, loader_state, meta, init_dir = initial_state(config, run_dir, mesh, resume)
+        corpus = config.data.path or data.default_corpus()
+        tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, init_dir, meta))
+        splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=is_main))
+        if is_main:
+            checkpoint.write_config_yaml(config, run_dir)  # every check has passed
+            if meta is not None:
+                print(f"resumed from {run_dir / 'checkpoints' / str(step0)}", file=sys.stderr)
+                truncate_after(run_dir / "metrics.jsonl", step0)
+            else:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return train_loop(config, run_dir, mesh, state, state_shard, step0, loader_state, tok, splits, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+        if own_signals:
+            signals.restore()
+
+
+def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0: int, loader_state, tok, splits,
+               signals: Signals) -> dict:
+    mc, tc = config.model, config.train
+    is_main = jax.process_index() == 0
+    train_split, val_split = splits
+    ckpt_dir = run_dir / "checkpoints"
     batch_shard = sharding.batch_sharding(mesh)
-
-    mgr = checkpoint.manager(ckpt_dir, keep=tc.keep_checkpoints)
-    loader_state = data.LoaderState(seed=tc.seed)
-    check = lambda meta: _check_compatible(meta["config"]["model"], config, run_dir)
-    restored = checkpoint.restore(mgr, checkpoint.abstract_like(abstract, state_shard), check=check) if has_ckpt \
-        else None
-    if restored is not None:
-        step0, state, meta = restored
-        loader_state = data.LoaderState.from_dict(meta["loader"])
-        print(f"resumed from {ckpt_dir / str(step0)}", file=sys.stderr)
-        if is_main:
-            truncate_after(run_dir / "metrics.jsonl", step0)
-    else:
-        init = jax.jit(lambda key, p: T.init_state(mc, tc, key, p), out_shardings=state_shard)
-        state = init(jax.random.key(tc.seed), init_params)
-        if is_main:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
     per_process = tc.batch_size // jax.process_count()
     loader = data.Loader(train_split, tc.seq_len, per_process, loader_state, config.data.document_masking,
                          jax.process_index(), jax.process_count())
     step_fn, eval_fn = T.jit_steps(mc, tc, state_shard, batch_shard)
     peak = tc.peak_flops or T.measure_peak_flops(mc.dtype)
     flops_per_step = model.flops_per_token(mc, tc.seq_len) * tc.batch_size * tc.seq_len
-    writer = MetricsWriter(run_dir, enabled=is_main)
+    if val_split.n_tokens < 2:
+        print("warning: the validation split is empty (too few documents for data.val_fraction="
+              f"{config.data.val_fraction}); training without validation", file=sys.stderr)
 
-    def evaluate(params) -> float:
+    def evaluate(params) -> float | None:
         total = count = 0.0
         for b in data.eval_batches(val_split, tc.seq_len, tc.batch_size, tc.eval_batches,
                                    config.data.document_masking):
@@ -262,23 +435,26 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
                 b = {k: np.array_split(v, jax.process_count())[jax.process_index()] for k, v in b.items()}
             ce, n = eval_fn(state.params, sharding.global_batch(b, mesh))
             total, count = total + float(ce), count + float(n)
-        return total / count if count else float("nan")
+        return total / count if count else None
+
+    mgr = checkpoint.manager(ckpt_dir, keep=tc.keep_checkpoints)
 
     def save(step: int):
         meta = {"step": step, "loader": loader.state.to_dict(), "config": config.to_dict(),
                 "tokenizer": checkpoint.encode_bytes(tok.model_bytes)}
-        checkpoint.save(mgr, step, state, meta)
+        checkpoint.save(mgr, step, state, meta, where=ckpt_dir)
 
     from tqdm import tqdm
 
-    stop = _Stop()
-    step = int(state.step)
+    step = step0
     bar = tqdm(total=tc.steps, initial=step, disable=not is_main, dynamic_ncols=True, unit="step")
-    pending, last_saved, val_loss = None, step if restored else -1, None
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    pending, last_saved, val_loss, stop = None, step0 if step0 else -1, None, None
     t_mark, tokens_mark, compile_s = None, 0, None
     batches = iter(loader)
+    signals.training = True
     try:
-        while step < tc.steps and stop.signal is None:
+        while step < tc.steps and stop is None:
             batch, _ = next(batches)
             gbatch = sharding.global_batch(batch, mesh)
             if compile_s is None:
@@ -302,34 +478,35 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
                 mfu = rate / (tc.batch_size * tc.seq_len) * flops_per_step / (peak * jax.device_count())
                 pending = (step, metrics, {"tok_per_s": rate, "mfu": mfu})
                 t_mark, tokens_mark = time.perf_counter(), step
+            stop = _stop_requested(signals)
             if step % tc.eval_every == 0 or step == tc.steps:
                 _log(*pending, writer, bar, tc)
                 pending = None
                 val_loss = evaluate(state.params)
-                writer.write(step, {"val_loss": val_loss, "val_ppl": np.exp(min(val_loss, 50)),
-                                    "tokens_seen": step * tc.batch_size * tc.seq_len})
-                bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {np.exp(min(val_loss, 50)):.2f})")
+                if val_loss is not None:
+                    writer.write(step, {"val_loss": val_loss, "val_ppl": np.exp(min(val_loss, 50)),
+                                        "tokens_seen": step * tc.batch_size * tc.seq_len})
+                    bar.write(f"step {step}: validation loss {val_loss:.4f} "
+                              f"(perplexity {np.exp(min(val_loss, 50)):.2f})")
                 t_mark, tokens_mark = time.perf_counter(), step  # evaluation time is not training throughput
-            if step % tc.save_every == 0 or step == tc.steps or stop.signal is not None:
+            if step % tc.save_every == 0 or step == tc.steps or stop is not None:
                 if pending is not None:
-                    _log(*pending, writer, bar, tc)  # also checks the loss is finite before saving
+                    _log(*pending, writer, bar, tc)  # checks the loss and gradient are finite before saving
                     pending = None
                 save(step)
                 last_saved = step
                 t_mark, tokens_mark = time.perf_counter(), step
+            elif last_saved > 0:
+                checkpoint.finish_saving(mgr, ckpt_dir, block=False)  # a failed asynchronous save stops the run
         if pending is not None:
             _log(*pending, writer, bar, tc)
-        if stop.signal is not None and last_saved != step:
-            save(step)
-            last_saved = step
+        checkpoint.finish_saving(mgr, ckpt_dir)
     finally:
         bar.close()
-        stop.restore()
-        mgr.wait_until_finished()
-        mgr.close()
+        checkpoint.close(mgr)  # waits for a save in flight, so the newest good checkpoint is complete
         writer.close()
-    if stop.signal is not None:
-        print(f"stopped by {stop.signal} after step {step}; saved {ckpt_dir / str(last_saved)} "
+    if stop is not None:
+        print(f"stopped by {stop} after step {step}; saved {ckpt_dir / str(last_saved)} "
               f"(continue with --resume --run-dir {run_dir})", file=sys.stderr)
     if is_main:
         plot_loss(run_dir)
@@ -340,10 +517,24 @@ def run(config_path, overrides, run_dir=None, resume=False) -> dict:
     return {"val_loss": val_loss, "checkpoint": str(path), "step": step, "compile_s": compile_s}
 
 
+def _stop_requested(signals: Signals) -> str | None:
+    """The signal that stops the run, if any. With several processes they agree on it every step (a signal may
+    reach them at different times), so all of them save the same step and stop together."""
+    if jax.process_count() == 1:
+        return signals.signal
+    from jax.experimental import multihost_utils
+
+    mine = np.int32(0 if signals.signal is None else 1)
+    if not np.any(multihost_utils.process_allgather(mine)):
+        return None
+    return signals.signal or "a signal to another process"
+
+
 def _log(step, metrics, rates, writer, bar, tc):
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(m["loss"]):
-        raise TrainingDiverged(f"loss is {m['loss']} at step {step}; stopped without saving it, the last good "
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+    if bad:
+        raise TrainingDiverged(f"{bad[0]} is {m[bad[0]]} at step {step}; stopped without saving it, the last good "
                                "checkpoint is kept (try a lower --train.lr or --train.grad_clip)")
     bar.update(step - bar.n)
     post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 
@@ -20,8 +22,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in row.items()}}
+        # Strict JSON: a non-finite value is written as null (json.dumps would write a bare NaN).
+        strict = {k: v if math.isfinite(v) else None for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(strict, allow_nan=False) + "\n")
         for k, v in row.items():
             if k != "step":
                 self.tb.add_scalar(k, v, step)
@@ -32,14 +36,25 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that is not JSON (one cut off by a kill mid-write) is skipped."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def truncate_after(path: str | Path, step: int) -> None:
     """Drops rows past `step` (a resumed run rewrites what came after its checkpoint)."""
     rows = [r for r in read_metrics(path) if r["step"] <= step]
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
@@ -50,8 +65,8 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-    train = [(r["tokens_seen"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["tokens_seen"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = [(r["tokens_seen"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["tokens_seen"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))

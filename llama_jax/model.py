@@ -263,11 +263,54 @@ def _check_tokens(tokens, positions, segment_ids):
         assert a is None or a.shape == tokens.shape, f"{name} shape {a.shape} != tokens shape {tokens.shape}"
 
 
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Refuses non-integer tokens and ids outside [0, vocab_size) (an embedding lookup would clamp them silently).
+    Values are only known outside jit: traced tokens are checked for their dtype alone."""
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+    if isinstance(tokens, jax.core.Tracer) or not tokens.size:
+        return
+    values = np.asarray(tokens)
+    bad = values[(values < 0) | (values >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+
+
+@functools.lru_cache
+def _expected_params(config: ModelConfig):
+    return {jax.tree_util.keystr(path): leaf.shape for path, leaf in
+            jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))[0]}
+
+
+def check_params(params, config: ModelConfig) -> None:
+    """Raises ValueError naming the first leaf of `params` (the training layout) that is missing, unexpected or of
+    another shape than `config` implies: parameters and config that do not belong together fail here in one line,
+    not as a reshape error deep inside a jitted function."""
+    if not isinstance(params, dict) or isinstance(params.get("layers"), list):
+        if isinstance(params, dict):
+            return  # the decode layout (unstack_layers), made from checked parameters
+        raise ValueError(f"params must be the parameter dict of init_params, got {type(params).__name__}")
+    expected = _expected_params(config)
+    got = {jax.tree_util.keystr(p): getattr(x, "shape", None) for p, x in
+           jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name, shape in expected.items():
+        if name not in got:
+            raise ValueError(f"params{name} is missing (the config expects shape {shape})")
+        if tuple(got[name] or ()) != tuple(shape):
+            raise ValueError(f"params{name} has shape {got[name]}, but the config expects {shape}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise ValueError(f"params{extra[0]} is not a parameter of this config"
+                         + (" (tie_embeddings=True has no lm_head)" if extra[0] == "['lm_head']" else ""))
+
+
 def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
     """Final-normed hidden states [B, T, D] in the compute dtype (what the LM head reads; the training loss
     uses this to avoid materialising all logits). Positions (below config.max_seq_len) default to 0..T-1; with
     segment ids, tokens attend only within their segment (packed documents)."""
     _check_tokens(tokens_BT, positions_BT, segment_ids_BT)
+    check_params(params, config)
+    check_token_ids(tokens_BT, config.vocab_size)
     B, T = tokens_BT.shape
     dtype = jnp.dtype(config.dtype)
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

@@ -7,6 +7,8 @@ the tokens that survive.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -70,10 +72,14 @@ def sample(logits_BV, key, temperature: float = 1.0, top_k: int | None = None, t
 
 def check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty=None) -> None:
     """One-line errors for out-of-range sampling settings (raised before anything is compiled)."""
-    if temperature is None or temperature < 0:
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty)):
+        if value is not None and not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be a number")
+    if temperature is None or not temperature >= 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k} must be a positive integer")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if min_p is not None and not 0 <= min_p < 1:

@@ -7,7 +7,7 @@ Trained models use byte fallback and no normalisation, so decode(encode(text)) =
 
 from __future__ import annotations
 
-import argparse
+import collections
 import hashlib
 import os
 import sys
@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+
+from llama_jax.cli import ArgumentParser, apply_umask, fail
 
 # Turn markers of the chat template (see llama_jax/chat.py); trained tokenizers make each one a single piece.
 CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -28,11 +30,13 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A loaded SentencePiece model. Stateless apart from the model itself; safe to share across threads."""
 
-    def __init__(self, model_file: str | Path):
+    def __init__(self, model_file: str | Path, model_bytes: bytes | None = None):
         self.model_file = Path(model_file)
-        if not self.model_file.is_file():
-            raise TokenizerError(f"{self.model_file}: tokenizer model not found")
-        self.model_bytes = self.model_file.read_bytes()
+        if model_bytes is None:
+            if not self.model_file.is_file():
+                raise TokenizerError(f"{self.model_file}: tokenizer model not found")
+            model_bytes = self.model_file.read_bytes()
+        self.model_bytes = model_bytes
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(self.model_bytes)
@@ -42,6 +46,11 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
         self.checksum = hashlib.sha256(self.model_bytes).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, model_bytes: bytes, name: str | Path = "tokenizer.model") -> Tokenizer:
+        """A tokenizer from a serialized model (as a checkpoint stores it); `name` is what messages call it."""
+        return cls(name, model_bytes)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return self.sp.Encode(text, add_bos=bos, add_eos=eos)
@@ -77,50 +86,82 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, mode
                     num_threads: int | None = None) -> Tokenizer:
     """Trains a SentencePiece model on an iterable of texts (each split into lines) and writes it to `out`.
 
-    Identity normalisation, byte fallback, digits split and whitespace kept as is make encoding lossless.
-    Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then `user_symbols`, bytes and learned pieces."""
+    Identity normalisation, byte fallback, digits split and whitespace kept as is make encoding lossless. Every
+    character gets a piece of its own when the alphabet fits in half the vocabulary (left after the special and
+    byte pieces); a larger one (Chinese, Japanese) keeps its most frequent characters as pieces and spells the
+    rarer ones in bytes. Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then `user_symbols`, bytes and learned
+    pieces. Errors reading the texts (a corpus file's bad line) propagate as they are, naming the file."""
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"model_type={model_type!r} is not one of bpe, unigram")
     out = Path(out)
+    # Read before training: an error in the texts then surfaces as itself, not as sentencepiece's own message,
+    # and the alphabet is known for choosing the character coverage. (SentencePiece holds every sentence in
+    # memory while it trains anyway.)
+    lines, chars = _sample_lines(texts, max_sentences)
+    if not lines:
+        raise TokenizerError("no text to train a tokenizer on")
+    rare = _rare_characters(chars, vocab_size - 4 - len(user_symbols) - 256)
+    if rare:
+        drop = dict.fromkeys(map(ord, rare))
+        lines = [t for t in (line.translate(drop) for line in lines) if t.strip()]
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    def lines():
-        n = 0
-        for text in texts:
-            for line in text.split("\n"):
-                if line.strip():
-                    yield line
-                    n += 1
-                    if n >= max_sentences:
-                        return
-
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".model.tmp", delete=False) as tmp:
-        try:
+    tmp = tempfile.NamedTemporaryFile(dir=out.parent, suffix=".model.tmp", delete=False)
+    try:
+        with tmp:
             spm.SentencePieceTrainer.Train(
-                sentence_iterator=lines(), model_writer=tmp, vocab_size=vocab_size, model_type=model_type,
+                sentence_iterator=iter(lines), model_writer=tmp, vocab_size=vocab_size, model_type=model_type,
                 character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
                 remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
                 allow_whitespace_only_pieces=True, max_sentence_length=1 << 16,
                 user_defined_symbols=list(user_symbols), unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                 num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
-        except RuntimeError as e:
-            Path(tmp.name).unlink(missing_ok=True)
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else "training failed"
-            if "Vocabulary size too high" in msg or "Vocabulary size is too high" in msg:
-                limit = msg.rsplit("<=", 1)[-1].strip(" .")
-                raise TokenizerError(f"vocab size {vocab_size} is too large for this corpus "
-                                     f"(at most {limit})") from None
-            if "smaller than required_chars" in msg:
-                need = msg.split(" vs ")[-1].split(".")[0]
-                raise TokenizerError(f"vocab size {vocab_size} is too small for this corpus: its characters, "
-                                     f"bytes and special pieces need at least {need}") from None
-            raise TokenizerError(f"sentencepiece training failed: {msg}") from None
-    os.replace(tmp.name, out)  # atomic: a crash never leaves a half-written tokenizer.model
+        apply_umask(tmp.name)  # tempfile creates 0600
+        os.replace(tmp.name, out)  # atomic: a crash never leaves a half-written tokenizer.model
+    except RuntimeError as e:
+        raise TokenizerError(_training_error(str(e), vocab_size)) from None
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)  # on any exit path, Ctrl-C included
     return Tokenizer(out)
 
 
+def _sample_lines(texts: Iterable[str], max_sentences: int) -> tuple[list[str], collections.Counter]:
+    lines, chars = [], collections.Counter()
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                lines.append(line)
+                chars.update(line)
+                if len(lines) >= max_sentences:
+                    return lines, chars
+    return lines, chars
+
+
+def _rare_characters(chars: collections.Counter, budget: int) -> set[str]:
+    """The characters that get no piece of their own: none when the alphabet fits in half of the budget of
+    pieces (half, so merges keep room), else all but the most frequent half-budget. They are left out of the
+    training text, and encoding spells them in bytes (SentencePiece itself refuses a character coverage below
+    0.98, which for Chinese still asks for thousands of pieces)."""
+    keep = max(budget // 2, 1)
+    if len(chars) <= keep:
+        return set()
+    return {c for c, _ in chars.most_common()[keep:]}
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    msg = message.strip().splitlines()[-1] if message.strip() else "training failed"
+    if "Vocabulary size too high" in msg or "Vocabulary size is too high" in msg:
+        limit = msg.rsplit("<=", 1)[-1].strip(" .")
+        return f"vocab size {vocab_size} is too large for this corpus (at most {limit}); use more text or a " \
+               "smaller model.vocab_size"
+    if "smaller than required_chars" in msg:
+        need = msg.split(" vs ")[-1].split(".")[0]
+        return f"vocab size {vocab_size} is too small: the special pieces, 256 bytes and the characters need " \
+               f"at least {need}"
+    return f"sentencepiece training failed: {msg}"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.tokenizer", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m llama_jax.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a SentencePiece model on text files")
     train.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl, .gz)")
@@ -136,9 +177,10 @@ def main(argv=None):
         tok = train_tokenizer((text for _, text in iter_documents(args.input, text_field=args.text_field)),
                               args.vocab_size, args.out, args.model_type)
     except (TokenizerError, DataError) as e:
-        sys.exit(f"error: {e}")
+        return fail(str(e))
     print(f"wrote {args.out} (vocab size {tok.vocab_size})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -100,7 +100,9 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(lr_schedule(train), b1=train.beta1, b2=train.beta2, eps=train.eps,
                         weight_decay=train.weight_decay,
                         mask=functools.partial(decay_mask, decay_embeddings=train.decay_embeddings))
-    return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw) if train.grad_clip > 0 else adamw
+    # The same chain with clipping on or off, so that a run resumed with another grad_clip restores its state.
+    clip = optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
 
 
 def init_state(config: ModelConfig, train: TrainConfig, key, params=None) -> TrainState:

@@ -72,7 +72,7 @@ def test_overlong_conversations_are_truncated_by_whole_turns(tok, tmp_path, caps
            [{"role": "user", "content": "more " * 10}, {"role": "assistant", "content": "ok " * 10}] * 5
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONV}, {"messages": long}] * 3)
     meta = chat.prepare_chat(path, tok, tmp_path / "prep", val_fraction=0.0, seed=0, seq_len=64)
-    assert meta["truncated"] == 3 and "3 conversations truncated" in capsys.readouterr().out
+    assert meta["truncated"] == 3 and "3 conversations truncated" in capsys.readouterr().err
     split = data.open_split(tmp_path / "prep", "train", tok)
     bounds = list(split.doc_starts) + [split.n_tokens]
     for a, b in zip(bounds, bounds[1:]):

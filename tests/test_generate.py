@@ -201,7 +201,7 @@ def test_cli_bad_inputs_get_one_line(hf_dir, tmp_path):
         return r.returncode, r.stderr.strip()
 
     code, err = run("--checkpoint", str(tmp_path / "nope"))
-    assert code == 2 and err == f"error: --checkpoint {tmp_path / 'nope'}: no such directory"
+    assert code == 2 and err == f"error: --checkpoint {tmp_path / 'nope'}: no such file or directory"
     bare = tmp_path / "bare"
     shutil.copytree(path, bare)
     (bare / "tokenizer.model").unlink()
@@ -212,8 +212,8 @@ def test_cli_bad_inputs_get_one_line(hf_dir, tmp_path):
     train_tokenizer([TEXT * 3 + " ".join(map(str, range(3000)))], 440, other / "tokenizer.model")
     code, err = run("--checkpoint", str(other), "--prompt", "hi")
     assert code == 2 and "the tokenizer has 440 pieces but the model's vocabulary is 400" in err
-    for flags, message in ((["--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
-                           (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+    for flags, message in ((["--top-p", "2"], "--top-p=2.0 must be in (0, 1]"),
+                           (["--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
                            (["--max-new-tokens", "1000"], "exceeds the model's context of 256 tokens")):
         code, err = run("--checkpoint", str(path), "--prompt", "hi", *flags)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -120,8 +120,8 @@ def test_import_and_export_commands_round_trip_with_tokenizer(tmp_path):
     for a, b in zip(jax_leaves(p1), jax_leaves(p2)):
         np.testing.assert_array_equal(a, b)
     r = run("import", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: no config.json (expected a " \
-                                                     "Hugging Face Llama checkpoint directory)"
+    assert r.returncode == 2 and r.stderr.strip() == f"error: --checkpoint {tmp_path / 'nope'}: no such file or " \
+                                                     "directory"
 
 
 def jax_leaves(tree):

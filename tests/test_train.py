@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import loop, sharding
+from llama_jax import checkpoint, loop, sharding
 from llama_jax import train as T
 from llama_jax.config import TrainConfig
 from llama_jax.metrics import read_metrics
@@ -63,7 +63,7 @@ def test_loss_falls_and_run_dir_is_complete(corpus, tmp_path, capsys):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["20", "40"]
-    config, params, meta = loop.load_run_params(run)
+    config, params, meta = checkpoint.load_run_params(run)
     assert config.dim == 32 and meta["step"] == 40 and params["layers"]["wq"].shape == (2, 32, 32)
 
 
@@ -142,8 +142,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     code = loop.main(train_args(corpus, run, "--train.steps=8", "--train.eval_every=100", "--train.save_every=1",
                                 "--train.lr=1e30", "--train.grad_clip=0", "--train.warmup_steps=0", "--resume"))
     err = capsys.readouterr().err
-    assert code == 1 and "loss is nan" in err.lower() or "loss is inf" in err.lower(), err
-    config, params, meta = loop.load_run_params(run)
+    assert code == 2 and ("is nan" in err.lower() or "is inf" in err.lower()), err
+    config, params, meta = checkpoint.load_run_params(run)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
