@@ -221,13 +221,17 @@ def save_imported(run_dir, model_config: ModelConfig, params, tokenizer_bytes: b
 
 
 def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
-    """"run" (a training run directory: config.yaml and checkpoints/) or "hf" (a Hugging Face directory:
-    config.json and safetensors weights); anything else, or a directory that is both, is a one-line error."""
+    """"run" (a training run directory: config.yaml and checkpoints/), "hf" (a Hugging Face directory:
+    config.json and safetensors weights) or "llama2c" (a llama2.c .bin file); anything else, or a directory that
+    is both a run and a Hugging Face checkpoint, is a one-line error."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{flag} {path}: no such file or directory")
+    if path.is_file() and path.suffix == ".bin":
+        return "llama2c"
     if not path.is_dir():
-        raise ConfigError(f"{flag} {path}: expected a directory (a training run or a Hugging Face checkpoint)")
+        raise ConfigError(f"{flag} {path}: expected a training run directory, a Hugging Face directory or a "
+                          "llama2.c .bin file")
     is_run = (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
     is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
     if is_run and is_hf:
@@ -243,7 +247,7 @@ def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
         raise ConfigError(f"{flag} {path}: has config.json but no *.safetensors weights (not a Hugging Face "
                           "checkpoint directory with safetensors weights)")
     raise ConfigError(f"{flag} {path}: neither a training run directory (config.yaml and checkpoints/) nor a "
-                      "Hugging Face Llama directory (config.json and *.safetensors)")
+                      "Hugging Face Llama directory (config.json and *.safetensors) nor a llama2.c .bin file")
 
 
 def write_config_yaml(config: RunConfig, run_dir: str | Path) -> None:

@@ -33,6 +33,7 @@ class ModelConfig:
     n_layers: int = 6  # L
     n_heads: int = 6  # N query heads
     n_kv_heads: int | None = None  # K key/value heads (grouped-query attention); None means n_heads
+    head_dim: int | None = None  # H, the width of one head; None means dim / n_heads (some models set it apart)
     ffn_dim: int | None = None  # F; None means LLaMA's rule: 2/3 * 4D rounded up to a multiple of 256
     max_seq_len: int = 2048  # longest sequence the model is trained / sampled at
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -56,16 +57,20 @@ class ModelConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.ffn_dim is None:
             object.__setattr__(self, "ffn_dim", 256 * -(-(8 * self.dim // 3) // 256))
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        explicit_head_dim = self.head_dim is not None
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len") + (
+                ("head_dim",) if explicit_head_dim else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"n_heads={self.n_heads} does not divide dim={self.dim}")
+        if not explicit_head_dim:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"n_heads={self.n_heads} does not divide dim={self.dim}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim=dim/n_heads={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         for name, allowed in (("rope_scaling", ROPE_SCALING_TYPES), ("attention_impl", ATTENTION_IMPLS),
                               ("remat", REMAT_POLICIES), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
@@ -75,10 +80,6 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
             raise ConfigError("rope_high_freq_factor must be > rope_low_freq_factor for llama3 scaling")
-
-    @property
-    def head_dim(self) -> int:  # H
-        return self.dim // self.n_heads
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

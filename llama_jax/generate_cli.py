@@ -17,6 +17,7 @@ from llama_jax.cli import USER_ERROR, ArgumentParser, fail, quiet_library_noise
 from llama_jax.config import ConfigError
 from llama_jax.decode import generate, stream
 from llama_jax.hf import CheckpointError, load_hf_checkpoint
+from llama_jax.llama2c import Llama2cError, load_llama2c
 from llama_jax.sampling import check_sampling_args
 from llama_jax.tokenizer import Tokenizer, TokenizerError
 
@@ -27,7 +28,10 @@ class UsageError(ValueError):
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face Llama directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a training run directory, a Hugging Face Llama directory or a llama2.c .bin file")
+    p.add_argument("--tokenizer", help="the SentencePiece tokenizer.model to use (default: the checkpoint's own, or "
+                                       "tokenizer.model beside it)")
     p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt")
@@ -73,21 +77,28 @@ def check_args(args) -> list[str]:
     return texts
 
 
-def load(path: str | Path, step: int | None = None):
-    """(config, params, tokenizer) from a run directory or a Hugging Face directory, with one-line errors."""
+def load(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None):
+    """(config, params, tokenizer) from a run directory, a Hugging Face directory or a llama2.c file, with one-line
+    errors. `tokenizer` replaces the checkpoint's own tokenizer.model (a llama2.c file has none of its own)."""
     path = Path(path)
     kind = checkpoint_kind(path)
     if step is not None and kind != "run":
-        raise UsageError(f"--step {step}: {path} is a Hugging Face directory, which has no steps")
-    tok_file = path / "tokenizer.model"
-    if kind == "hf" and not tok_file.is_file():
-        raise UsageError(f"{path}: no tokenizer.model beside the checkpoint (a SentencePiece model is required)")
+        raise UsageError(f"--step {step}: {path} is not a training run directory, so it has no steps")
+    tok_file = Path(tokenizer) if tokenizer else (path.parent if kind == "llama2c" else path) / "tokenizer.model"
+    if tokenizer and not tok_file.is_file():
+        raise UsageError(f"--tokenizer {tok_file}: no such file")
+    if kind != "run" and not tok_file.is_file():
+        raise UsageError(f"{path}: no tokenizer.model beside the checkpoint (a SentencePiece model is required; "
+                         "name one with --tokenizer)")
     if kind == "run":
         config, params, meta = load_run_params(path, step)
         import base64
 
-        tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), tok_file) if "tokenizer" in meta \
-            else Tokenizer(tok_file)
+        tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), tok_file) \
+            if "tokenizer" in meta and not tokenizer else Tokenizer(tok_file)
+    elif kind == "llama2c":
+        config, params = load_llama2c(path)
+        tok = Tokenizer(tok_file)
     else:
         config, params = load_hf_checkpoint(path)
         tok = Tokenizer(tok_file)
@@ -138,7 +149,7 @@ def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
 
 def run(args) -> None:
     texts = check_args(args)
-    config, params, tok = load(args.checkpoint, args.step)
+    config, params, tok = load(args.checkpoint, args.step, args.tokenizer)
     config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
@@ -235,7 +246,7 @@ def main(argv=None) -> int:
         run(args)
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
         return e.code if isinstance(e.code, int) else USER_ERROR
-    except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError) as e:
+    except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -44,18 +44,22 @@ class CheckpointError(ValueError):
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     archs = hf.get("architectures") or []
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+    is_mistral = hf.get("model_type") == "mistral" or "MistralForCausalLM" in archs
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs and not is_mistral:
         raise CheckpointError(f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
-                              "supported: LlamaForCausalLM (model_type llama)")
+                              "supported: LlamaForCausalLM (model_type llama) and MistralForCausalLM without a "
+                              "sliding window shorter than the context")
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    if is_mistral and window is not None and window < context:
+        raise CheckpointError(f"{source}: sliding_window={window} is shorter than the context "
+                              f"max_position_embeddings={context}; sliding-window attention is not supported "
+                              "(a Mistral model without it, or with a window of at least the context, is)")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not supported (LLaMA has no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; supported: silu")
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{source}: head_dim={hf['head_dim']} != hidden_size/num_attention_heads; "
-                              "only head_dim = hidden_size / num_attention_heads is supported")
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE:
@@ -73,7 +77,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=hf.get("head_dim"),
+            ffn_dim=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta), rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             **extra)
@@ -261,7 +266,8 @@ def main(argv=None) -> int:
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     e.add_argument("--max-shard-gb", type=float, default=2.0)
     i = sub.add_parser("import", help="a Hugging Face Llama directory -> a run directory (Orbax checkpoint)")
-    i.add_argument("--checkpoint", required=True, help="Hugging Face Llama directory")
+    i.add_argument("--checkpoint", required=True, help="a Hugging Face Llama directory or a llama2.c .bin file")
+    i.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the one beside the checkpoint)")
     i.add_argument("--out", required=True, help="run directory to create")
     try:
         args = p.parse_args(argv)
@@ -270,6 +276,7 @@ def main(argv=None) -> int:
 
     from llama_jax import checkpoint
     from llama_jax.data import LoaderState
+    from llama_jax.llama2c import Llama2cError
     from llama_jax.tokenizer import Tokenizer, TokenizerError
 
     try:
@@ -292,22 +299,30 @@ def main(argv=None) -> int:
                 _remove_export(out)
             out = save_hf_checkpoint(out, config, params, tok, int(args.max_shard_gb * (1 << 30)))
         else:
-            if kind != "hf":
+            if kind == "run":
                 raise CheckpointError(f"--checkpoint {src}: import reads a Hugging Face directory (config.json, "
-                                      "*.safetensors); this one is a training run directory already")
-            tok_file = src / "tokenizer.model"
+                                      "*.safetensors) or a llama2.c .bin file; this one is a training run directory "
+                                      "already")
+            tok_file = Path(args.tokenizer) if args.tokenizer else \
+                (src.parent if kind == "llama2c" else src) / "tokenizer.model"
             if not tok_file.is_file():
-                raise CheckpointError(f"{src}: no tokenizer.model (a SentencePiece model is required)")
+                raise CheckpointError(f"{tok_file}: no such file (a SentencePiece tokenizer.model is required; name "
+                                      "one with --tokenizer)")
             tok = Tokenizer(tok_file)
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 raise CheckpointError(f"--out {out}: exists and is not an empty directory; choose a new one")
-            config, params = load_hf_checkpoint(src)
+            if kind == "llama2c":
+                from llama_jax.llama2c import load_llama2c
+
+                config, params = load_llama2c(src)
+            else:
+                config, params = load_hf_checkpoint(src)
             if tok.vocab_size > config.vocab_size:
                 raise CheckpointError(f"{tok_file}: {tok.vocab_size} pieces, more than the model's vocabulary "
                                       f"{config.vocab_size}")
             out = checkpoint.save_imported(out, config, params, tok.model_bytes,
                                            LoaderState(seed=0).to_dict())
-    except (CheckpointError, checkpoint.ResumeError, TokenizerError, ConfigError) as err:
+    except (CheckpointError, checkpoint.ResumeError, TokenizerError, ConfigError, Llama2cError) as err:
         return fail(str(err))
     print(f"wrote {out}")
     sys.stdout.flush()

@@ -243,8 +243,12 @@ def _init_weights(config: RunConfig):
     from llama_jax.hf import load_hf_checkpoint
 
     src = Path(config.train.init_from)
-    if checkpoint.checkpoint_kind(src, "train.init_from") == "run":
+    kind = checkpoint.checkpoint_kind(src, "train.init_from")
+    if kind == "run":
         model_config, params, _ = checkpoint.load_run_params(src)
+    elif kind == "llama2c":
+        raise ConfigError(f"train.init_from={src}: a llama2.c file has no tokenizer of its own; import it first "
+                          "(python -m llama_jax.hf import --checkpoint FILE.bin --tokenizer TOKENIZER --out RUN_DIR)")
     else:
         model_config, params = load_hf_checkpoint(src)
     keep = {f: getattr(config.model, f) for f in ("dtype", "attention_impl", "remat", "scan_layers")}
@@ -254,12 +258,13 @@ def _init_weights(config: RunConfig):
 def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
     """Refuses, before any array is read, a resume whose model config or optimizer state layout differs from the
     checkpoint's (so such a checkpoint is never mistaken for a damaged one)."""
-    saved, now = saved_meta["config"]["model"], dataclasses.asdict(current.model)
+    saved_config = checkpoint.run_config_of(saved_meta)
+    saved, now = dataclasses.asdict(saved_config.model), dataclasses.asdict(current.model)
     keep = ("dtype", "attention_impl", "remat", "scan_layers")  # execution switches may change between runs
-    diff = [f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in now if k not in keep and saved.get(k) != now[k]]
+    diff = [f"{k} (saved {saved[k]!r}, now {now[k]!r})" for k in now if k not in keep and saved[k] != now[k]]
     if diff:
         raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")
-    saved_train = checkpoint.run_config_of(saved_meta).train
+    saved_train = saved_config.train
     layout = lambda tc: jax.tree.structure(jax.eval_shape(
         lambda: T.make_optimizer(tc).init(jax.eval_shape(lambda: model.init_params(current.model,
                                                                                    jax.random.key(0))))))

@@ -462,4 +462,4 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     the LM head is) plus causal-free attention 12 * L * T * D, as in the PaLM paper's MFU appendix."""
     matmul_params = param_count(config) - config.vocab_size * config.dim * (0 if config.tie_embeddings else 1)
     matmul_params -= config.n_layers * 2 * config.dim + config.dim  # norms
-    return 6.0 * matmul_params + 12.0 * config.n_layers * seq_len * config.dim
+    return 6.0 * matmul_params + 12.0 * config.n_layers * seq_len * config.n_heads * config.head_dim

@@ -61,13 +61,17 @@ class Tokenizer:
         return self.sp.Encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.Decode([int(i) for i in ids])
+        """Text of the ids; ids past the tokenizer's pieces (a model's padded vocabulary rows) decode to nothing."""
+        return self.sp.Decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
-        return self.sp.Decode([[int(i) for i in ids] for ids in batch])
+        return [self.decode(ids) for ids in batch]
 
     def piece_bytes(self, token: int) -> bytes:
-        """The raw bytes a single token stands for (byte-fallback pieces give one byte; '▁' gives a space)."""
+        """The raw bytes a single token stands for (byte-fallback pieces give one byte; '▁' gives a space; an id
+        past the tokenizer's pieces gives none)."""
+        if not 0 <= int(token) < self.vocab_size:
+            return b""
         piece = self.sp.IdToPiece(int(token))
         if self.sp.IsByte(int(token)):
             return bytes([int(piece[3:5], 16)])

@@ -136,6 +136,19 @@ def _hf_dir(kind):
     return setup
 
 
+def _run_and_hf_in_one(d):
+    """An export written into a copy of a run directory: both kinds of checkpoint in one place."""
+    shutil.copytree(d / "run", d / "both")
+    _hf_dir("truncated")(d)
+    for f in (d / "hf").iterdir():
+        shutil.copy(f, d / "both" / f.name)
+
+
+def _hf_with_checkpoints_folder(d):
+    _hf_dir("bad-json")(d)
+    (d / "hf" / "checkpoints").mkdir()  # e.g. a trainer's own folder: still a Hugging Face directory
+
+
 def _non_empty_out(d):
     (d / "out").mkdir()
     (d / "out" / "notes.txt").write_text("mine")
@@ -198,6 +211,9 @@ BAD_INPUTS = [
           _hf_dir("truncated")),
     _case("generate", ["--checkpoint", f"{D}/hf", "--step", "2"], ["--step 2", "Hugging Face directory"],
           _hf_dir("truncated")),
+    _case("generate", ["--checkpoint", f"{D}/both"], ["holds both a training run", "and a Hugging Face checkpoint"],
+          _run_and_hf_in_one, watch="both"),
+    _case("generate", ["--checkpoint", f"{D}/hf"], ["config.json: not valid JSON"], _hf_with_checkpoints_folder),
     # python -m llama_jax.hf
     _case("hf", ["export", "--checkpoint", R, "--out", f"{D}/out"], ["--out", "not empty; pass --overwrite"],
           _non_empty_out, watch="out"),

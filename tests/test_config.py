@@ -15,7 +15,7 @@ def test_model_config_is_hashable_and_static():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(dim=100, n_heads=6), "n_heads=6 does not divide dim=100"),
     (dict(dim=64, n_heads=8, n_kv_heads=3), "n_kv_heads=3 does not divide n_heads=8"),
-    (dict(dim=48, n_heads=16), "head_dim=dim/n_heads=3 must be even"),
+    (dict(dim=48, n_heads=16), "head_dim=3 must be even for RoPE"),
     (dict(dim=0), "dim=0 must be a positive integer"),
     (dict(rope_scaling="yarn"), "rope_scaling='yarn' is not one of none, linear, llama3"),
     (dict(dtype="float16"), "dtype='float16' is not one of float32, bfloat16"),

@@ -267,3 +267,43 @@ def test_chat_loop_streams_replies_and_exits_on_eof(hf_dir, capsys):
     chat_loop(params, config.replace(max_seq_len=96), tok, sampling_args, system="Be brief.", read=read)
     out = capsys.readouterr()
     assert out.out.count("assistant> ") == 2 and "Ctrl-D" in out.err
+
+
+def test_the_python_api_checks_its_inputs(small_config):
+    config = small_config
+    params = lj.init_params(config, jax.random.key(0))
+    wide = lj.init_params(config.replace(dim=64, ffn_dim=48), jax.random.key(0))
+    for call in (lambda p: lj.generate(p, config, [[1, 2]], max_new_tokens=2),
+                 lambda p: lj.stream(p, config, [[1, 2]], max_new_tokens=2),
+                 lambda p: lj.forward(p, jnp.array([[1, 2]]), config)):
+        with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(97, 64\), but the config expects "
+                                             r"\(97, 32\)"):
+            call(wide)
+    tied = config.replace(tie_embeddings=True)
+    with pytest.raises(ValueError, match=r"params\['lm_head'\] is not a parameter of this config"):
+        lj.forward(params, jnp.array([[1, 2]]), tied)
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        lj.forward(params, jnp.array([[1, 97]]), config)
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        lj.forward(params, np.array([[-1, 3]]), config)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        lj.forward(params, jnp.array([[1.0, 2.0]]), config)
+
+    ref = lj.generate(params, config, [[1, 5, 9], [1, 7, 7]], max_new_tokens=4, temperature=0.0)
+    assert lj.generate(params, config, np.array([[1, 5, 9], [1, 7, 7]]), max_new_tokens=4, temperature=0.0) == ref
+    assert lj.generate(params, config, [np.array([1, 5, 9]), jnp.array([1, 7, 7])], max_new_tokens=4,
+                       temperature=0.0) == ref
+    assert lj.generate(params, config, ((1, 5, 9), (1, 7, 7)), max_new_tokens=np.int64(4),
+                       temperature=np.float32(0.0)) == ref
+    with pytest.raises(ValueError, match=r"prompts\[0\] is 1, not a list of token ids"):
+        lj.generate(params, config, [1, 5, 9], max_new_tokens=4)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        lj.generate(params, config, np.array([1, 5, 9]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="integer token ids"):
+        lj.generate(params, config, [[1.5, 2.0]], max_new_tokens=4)
+    sampled = lj.generate(params, config, [[1, 5]], max_new_tokens=3, temperature=np.float64(0.7),
+                          top_k=np.int64(5), top_p=np.float32(0.9), seed=np.int64(3))
+    assert sampled == lj.generate(params, config, [[1, 5]], max_new_tokens=3, temperature=0.7, top_k=5,
+                                  top_p=float(np.float32(0.9)), seed=3)
+    with pytest.raises(ValueError, match="top_k=True must be a positive integer"):
+        lj.generate(params, config, [[1, 5]], max_new_tokens=3, top_k=True)

@@ -45,7 +45,7 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
 def test_unsupported_architecture_and_rope_fail_in_one_line(tmp_path):
     make_hf_llama(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    bad = dict(cfg, architectures=["MistralForCausalLM"], model_type="mistral")
+    bad = dict(cfg, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(lj.CheckpointError, match="unsupported architecture.*supported: LlamaForCausalLM"):
         lj.load_hf_checkpoint(tmp_path)
@@ -128,3 +128,49 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _random_weights(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if "norm" in name else torch.randn_like(p) * 0.15)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama-head_dim", "mistral-no-window", "mistral-window-at-context"])
+def test_llama_style_configurations_seen_in_the_wild(tmp_path, kind):
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    if kind == "llama-head_dim":  # an explicit head_dim, not hidden_size / num_attention_heads (16)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, head_dim=32))
+    else:
+        window = None if kind == "mistral-no-window" else 64
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=window))
+    _random_weights(model).save_pretrained(tmp_path)
+    config, params = lj.load_hf_checkpoint(tmp_path)
+    if kind == "llama-head_dim":
+        assert config.head_dim == 32 and params["layers"]["wq"].shape == (2, 64, 128)
+    tokens = np.random.RandomState(0).randint(0, 128, (2, 40))
+    with torch.no_grad():
+        expected = model(torch.tensor(tokens)).logits.numpy()
+    logits = np.asarray(lj.forward(params, jnp.asarray(tokens), config))
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+    # Exported again, transformers reads the same model back.
+    lj.save_hf_checkpoint(tmp_path / "back", config, params)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(tokens)).logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_the_context_is_refused_in_one_line(tmp_path):
+    import transformers
+
+    config = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, max_position_embeddings=64, sliding_window=16)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(lj.CheckpointError, match="sliding_window=16 is shorter than the context "
+                                                 "max_position_embeddings=64"):
+        lj.load_hf_checkpoint(tmp_path)
