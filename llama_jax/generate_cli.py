@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import os
 import signal
 import sys
@@ -12,14 +11,17 @@ from pathlib import Path
 import jax
 
 from llama_jax import chat
-from llama_jax.checkpoint import ResumeError, checkpoint_kind, load_run_params
+from llama_jax.chat import ChatTemplateError
+from llama_jax.checkpoint import ResumeError
 from llama_jax.cli import USER_ERROR, ArgumentParser, fail, quiet_library_noise
 from llama_jax.config import ConfigError
 from llama_jax.decode import generate, stream
-from llama_jax.hf import CheckpointError, load_hf_checkpoint
-from llama_jax.llama2c import Llama2cError, load_llama2c
+from llama_jax.hf import CheckpointError
+from llama_jax.llama2c import Llama2cError
+from llama_jax.load import load_checkpoint
 from llama_jax.sampling import check_sampling_args
-from llama_jax.tokenizer import Tokenizer, TokenizerError
+from llama_jax.tokenizer import TextStream as Detokenizer
+from llama_jax.tokenizer import TokenizerError
 
 
 class UsageError(ValueError):
@@ -77,53 +79,21 @@ def check_args(args) -> list[str]:
     return texts
 
 
-def load(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None):
-    """(config, params, tokenizer) from a run directory, a Hugging Face directory or a llama2.c file, with one-line
-    errors. `tokenizer` replaces the checkpoint's own tokenizer.model (a llama2.c file has none of its own)."""
-    path = Path(path)
-    kind = checkpoint_kind(path)
-    if step is not None and kind != "run":
-        raise UsageError(f"--step {step}: {path} is not a training run directory, so it has no steps")
-    tok_file = Path(tokenizer) if tokenizer else (path.parent if kind == "llama2c" else path) / "tokenizer.model"
-    if tokenizer and not tok_file.is_file():
-        raise UsageError(f"--tokenizer {tok_file}: no such file")
-    if kind != "run" and not tok_file.is_file():
-        raise UsageError(f"{path}: no tokenizer.model beside the checkpoint (a SentencePiece model is required; "
-                         "name one with --tokenizer)")
-    if kind == "run":
-        config, params, meta = load_run_params(path, step)
-        import base64
-
-        tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), tok_file) \
-            if "tokenizer" in meta and not tokenizer else Tokenizer(tok_file)
-    elif kind == "llama2c":
-        config, params = load_llama2c(path)
-        tok = Tokenizer(tok_file)
-    else:
-        config, params = load_hf_checkpoint(path)
-        tok = Tokenizer(tok_file)
-    if tok.vocab_size > config.vocab_size:
-        raise UsageError(f"{tok_file}: the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
-                         f"{config.vocab_size}; they do not belong together")
-    return config, params, tok
-
-
 class TextStream:
-    """Turns tokens into UTF-8 text as it becomes complete: a character split over byte-fallback pieces is
-    printed only when its last byte arrives."""
+    """Prints tokens as UTF-8 text as it becomes complete (tokenizer.TextStream: a character split over byte
+    pieces is printed only when its last byte arrives)."""
 
-    def __init__(self, tok: Tokenizer, out=None):
-        self.tok, self.out = tok, out or sys.stdout
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, tok, out=None, context=()):
+        self.text, self.out = Detokenizer(tok, context), out or sys.stdout
 
     def write(self, token: int) -> str:
-        text = self.decoder.decode(self.tok.piece_bytes(token))
+        text = self.text.add(token)
         self.out.write(text)
         self.out.flush()
         return text
 
     def close(self) -> None:
-        self.out.write(self.decoder.decode(b"", final=True))
+        self.out.write(self.text.flush())
         self.out.flush()
 
 
@@ -149,20 +119,27 @@ def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
 
 def run(args) -> None:
     texts = check_args(args)
-    config, params, tok = load(args.checkpoint, args.step, args.tokenizer)
+    ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+    config, params, tok = ckpt.config, ckpt.params, ckpt.tokenizer
     config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
     if args.chat:
-        return chat_loop(params, config, tok, sampling, args.system)
+        if ckpt.chat_template is None:
+            raise UsageError(f"--chat: {args.checkpoint} has no chat template (a base model); generate from a "
+                             "prompt instead")
+        return chat_loop(params, config, tok, sampling, args.system, template=ckpt.chat_template,
+                         stops=ckpt.stop_tokens)
     if not texts:
         texts = [""]  # unconditional: BOS alone
     prompts = [tok.encode(t, bos=True) for t in texts for _ in range(args.num_samples)]
+    if any(not p for p in prompts):
+        raise UsageError("an empty prompt, and the tokenizer adds no BOS token to start from: give a --prompt")
     longest = max(len(p) for p in prompts)
     if longest + args.max_new_tokens > config.max_seq_len:
         raise UsageError(f"the prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
                          f"model's context of {config.max_seq_len} tokens")
-    stops = (tok.eos_id,) if tok.eos_id >= 0 else ()
+    stops = ckpt.stop_tokens
     if len(prompts) == 1:
         return _stream_one(params, config, tok, prompts[0], texts[0], stops, sampling)
     t0 = time.perf_counter()
@@ -179,7 +156,7 @@ def run(args) -> None:
 def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> None:
     tokens = stream(params, config, [prompt], stop_tokens=stops, **sampling)  # checks its arguments now
     print(prompt_text, end="", flush=True)
-    out = TextStream(tok)
+    out = TextStream(tok, context=prompt[-1:])
     times = [time.perf_counter()]  # start, then the arrival of each token
     for token in tokens:
         token = int(token[0])
@@ -196,10 +173,12 @@ def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> No
           file=sys.stderr)
 
 
-def chat_loop(params, config, tok, sampling, system=None, read=input) -> None:
-    """Interactive chat. The history is re-rendered each turn and its oldest turns are dropped to fit."""
+def chat_loop(params, config, tok, sampling, system=None, read=input, template=chat.PROJECT_TEMPLATE,
+              stops=None) -> None:
+    """Interactive chat with the checkpoint's chat template. The history is re-rendered each turn and its oldest
+    turns are dropped to fit."""
     history = [{"role": "system", "content": system}] if system else []
-    stops = chat.stop_tokens(tok)
+    stops = chat.stop_tokens(tok, template) if stops is None else stops
     budget = config.max_seq_len - sampling["max_new_tokens"]
     if budget < 16:
         raise UsageError(f"--max-new-tokens={sampling['max_new_tokens']} leaves no room for the conversation in "
@@ -215,14 +194,14 @@ def chat_loop(params, config, tok, sampling, system=None, read=input) -> None:
             continue
         history.append({"role": "user", "content": line})
         while True:
-            prompt = [tok.bos_id] + tok.encode(chat.render(history, add_generation_prompt=True))
+            prompt = chat.encode_conversation(tok, template, history, add_generation_prompt=True)
             turns = [i for i, m in enumerate(history) if m["role"] != "system"]
             if len(prompt) <= budget or len(turns) <= 1:
                 break
             del history[turns[0]]  # the oldest turn goes first; the system message stays
         prompt = prompt[-budget:]
         print("assistant> ", end="", flush=True)
-        out, reply = TextStream(tok), []
+        out, reply = TextStream(tok, context=prompt[-1:]), []
         try:
             for token in stream(params, config, [prompt], stop_tokens=stops, **sampling):
                 token = int(token[0])
@@ -246,7 +225,8 @@ def main(argv=None) -> int:
         run(args)
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
         return e.code if isinstance(e.code, int) else USER_ERROR
-    except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError) as e:
+    except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError,
+            ChatTemplateError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -83,6 +84,150 @@ class Tokenizer:
         """The id of a piece that the model has as a single token (e.g. a chat symbol), else None."""
         i = self.sp.PieceToId(piece)
         return None if i == self.unk_id and piece != self.sp.IdToPiece(self.unk_id) else i
+
+    def piece(self, token: int) -> str | None:
+        return self.sp.IdToPiece(int(token)) if 0 <= int(token) < self.vocab_size else None
+
+    def encode_special(self, text: str) -> list[int]:
+        """Encodes text in which the BOS and EOS pieces (<s>, </s>) may be written out, as a rendered chat
+        template writes them: those become their ids (SentencePiece alone would spell them as text)."""
+        specials = {self.piece(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
+        pattern = "(" + "|".join(map(re.escape, specials)) + ")" if specials else None
+        ids = []
+        for part in re.split(pattern, text) if pattern else [text]:
+            ids += [specials[part]] if part in specials else self.encode(part) if part else []
+        return ids
+
+    def is_special(self, token: int) -> bool:
+        """Control pieces (BOS, EOS) and the chat symbols this project's tokenizers have as single pieces."""
+        return self.sp.IsControl(int(token)) or self.piece(token) in CHAT_SYMBOLS
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`, as Llama 3, SmolLM and most current checkpoints ship
+    it) with the settings of its `tokenizer_config.json`: the same interface as `Tokenizer`. `encode(bos=True)`
+    adds what the tokenizer's own post-processor adds (Llama 3's adds <|begin_of_text|>; a Llama-2-style
+    conversion adds <s> when its add_bos_token says so), as transformers' AutoTokenizer does; special (added)
+    tokens written in the text are single ids."""
+
+    def __init__(self, path: str | Path):
+        import json
+
+        import tokenizers
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        self.model_file = path / "tokenizer.json" if path.is_dir() else path
+        if not self.model_file.is_file():
+            raise TokenizerError(f"{self.model_file}: tokenizer.json not found")
+        self.model_bytes = self.model_file.read_bytes()
+        try:
+            self.tk = tokenizers.Tokenizer.from_str(self.model_bytes.decode("utf-8"))
+        except Exception as e:  # the Rust library's own exception for a file it cannot parse
+            raise TokenizerError(f"{self.model_file}: not a tokenizers JSON file ({str(e)[:120]})") from None
+        self.config = {}
+        config_file = directory / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                self.config = json.loads(config_file.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise TokenizerError(f"{config_file}: not valid JSON ({e})") from None
+        self.special_tokens = {name: _token_content(self.config.get(name))
+                               for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        ids = {name: self.tk.token_to_id(t) if t else None for name, t in self.special_tokens.items()}
+        self.bos_id, self.eos_id = _or_minus_one(ids["bos_token"]), _or_minus_one(ids["eos_token"])
+        self.pad_id, self.unk_id = _or_minus_one(ids["pad_token"]), _or_minus_one(ids["unk_token"])
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.checksum = hashlib.sha256(self.model_bytes).hexdigest()
+        template_file = directory / "chat_template.jinja"
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else template
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=bos).ids
+        return ids + [self.eos_id] if eos and self.eos_id >= 0 else ids
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False,
+                     num_threads: int | None = None) -> list[list[int]]:
+        """Encodes a list of texts on all CPU cores (the Rust library's thread pool)."""
+        tail = [self.eos_id] if eos and self.eos_id >= 0 else []
+        return [e.ids + tail for e in self.tk.encode_batch(texts, add_special_tokens=bos)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the ids, special tokens included (as AutoTokenizer.decode); ids past the vocabulary (a model's
+        padded rows) decode to nothing."""
+        return self.tk.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tk.token_to_id(piece)
+
+    def piece(self, token: int) -> str | None:
+        return self.tk.id_to_token(int(token))
+
+    def encode_special(self, text: str) -> list[int]:
+        """Encodes a rendered chat template: the special tokens written in it are their ids; nothing is added."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def is_special(self, token: int) -> bool:
+        added = self.tk.get_added_tokens_decoder().get(int(token))
+        return bool(added is not None and added.special)
+
+
+def _token_content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _or_minus_one(i: int | None) -> int:
+    return -1 if i is None else i
+
+
+class TextStream:
+    """Tokens in, text out as it becomes complete, for either backend: a character split over byte pieces (byte
+    fallback, or byte-level BPE as Llama 3's) appears once its last byte arrives. Each step decodes only the few
+    ids since the last complete text (with one id before them, so that a piece's leading space is kept)."""
+
+    def __init__(self, tok, context: Iterable[int] = ()):
+        """`context`: the ids before the first streamed one (the prompt's last few), so that the first new piece
+        decodes as it continues them (SentencePiece drops the leading space of a text's first piece)."""
+        self.tok, self.ids = tok, [int(t) for t in context]
+        self.prefix, self.read = 0, len(self.ids)
+
+    def add(self, token: int) -> str:
+        """The new text that `token` completes ('' while a character is still incomplete)."""
+        self.ids.append(int(token))
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # an incomplete character (or nothing new): wait for the next token
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character at the end decodes as U+FFFD)."""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a SentencePiece `tokenizer.model`, a `tokenizer.json`, or a directory holding either
+    (tokenizer.json preferred, as transformers' AutoTokenizer prefers its fast tokenizer)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer(path)
+        if (path / "tokenizer.model").is_file():
+            return Tokenizer(path / "tokenizer.model")
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return Tokenizer(path)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, model_type: str = "bpe",

@@ -209,7 +209,7 @@ BAD_INPUTS = [
     _case("generate", ["--checkpoint", f"{D}/hf"], ["config.json: not valid JSON"], _hf_dir("bad-json")),
     _case("generate", ["--checkpoint", f"{D}/hf"], ["model.safetensors: unreadable safetensors file"],
           _hf_dir("truncated")),
-    _case("generate", ["--checkpoint", f"{D}/hf", "--step", "2"], ["--step 2", "Hugging Face directory"],
+    _case("generate", ["--checkpoint", f"{D}/hf", "--step", "2"], ["--step 2", "is not a training run directory, so it has no steps"],
           _hf_dir("truncated")),
     _case("generate", ["--checkpoint", f"{D}/both"], ["holds both a training run", "and a Hugging Face checkpoint"],
           _run_and_hf_in_one, watch="both"),

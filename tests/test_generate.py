@@ -206,12 +206,13 @@ def test_cli_bad_inputs_get_one_line(hf_dir, tmp_path):
     shutil.copytree(path, bare)
     (bare / "tokenizer.model").unlink()
     code, err = run("--checkpoint", str(bare), "--prompt", "hi")
-    assert code == 2 and err.endswith("no tokenizer.model beside the checkpoint (a SentencePiece model is required)")
+    assert code == 2 and err.endswith("no tokenizer.json or tokenizer.model beside the checkpoint (name one with "
+                                      "--tokenizer)")
     other = tmp_path / "other"
     shutil.copytree(path, other)
     train_tokenizer([TEXT * 3 + " ".join(map(str, range(3000)))], 440, other / "tokenizer.model")
     code, err = run("--checkpoint", str(other), "--prompt", "hi")
-    assert code == 2 and "the tokenizer has 440 pieces but the model's vocabulary is 400" in err
+    assert code == 2 and "the tokenizer has 440 tokens but the model's vocabulary is 400" in err
     for flags, message in ((["--top-p", "2"], "--top-p=2.0 must be in (0, 1]"),
                            (["--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
                            (["--max-new-tokens", "1000"], "exceeds the model's context of 256 tokens")):
@@ -221,13 +222,14 @@ def test_cli_bad_inputs_get_one_line(hf_dir, tmp_path):
 
 def test_cli_decodes_a_bfloat16_checkpoint_in_float32_on_a_cpu(hf_dir, monkeypatch, capsys):
     path, _, _ = hf_dir
-    real_load = generate_cli.load
+    real_load = generate_cli.load_checkpoint
 
-    def load_as_bfloat16(checkpoint, step):
-        config, params, tok = real_load(checkpoint, step)
-        return config.replace(dtype="bfloat16"), params, tok
+    def load_as_bfloat16(checkpoint, step, tokenizer):
+        ckpt = real_load(checkpoint, step, tokenizer)
+        ckpt.config = ckpt.config.replace(dtype="bfloat16")
+        return ckpt
 
-    monkeypatch.setattr(generate_cli, "load", load_as_bfloat16)
+    monkeypatch.setattr(generate_cli, "load_checkpoint", load_as_bfloat16)
     seen = []
     monkeypatch.setattr(generate_cli, "_stream_one", lambda params, config, *rest: seen.append(config.dtype))
     for flags in ([], ["--dtype", "bfloat16"], ["--dtype", "float32"]):

@@ -119,7 +119,7 @@ def test_generate_py_and_import_read_a_llama2c_file(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip("\n") == expected
     # Without --tokenizer and none beside the file: one line saying so.
     assert generate_cli.main(["--checkpoint", str(tmp_path / "stories.bin"), *argv]) == 2
-    assert "no tokenizer.model beside the checkpoint" in capsys.readouterr().err
+    assert "no tokenizer.json or tokenizer.model beside the checkpoint" in capsys.readouterr().err
     # Imported into a run directory, it samples the same.
     assert hf.main(["import", "--checkpoint", str(tmp_path / "stories.bin"), "--tokenizer",
                     str(tmp_path / "tok" / "tokenizer.model"), "--out", str(tmp_path / "run")]) == 0

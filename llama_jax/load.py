@@ -1,0 +1,91 @@
+"""One loader for every kind of checkpoint: point it at what you have.
+
+    ckpt = lj.load_checkpoint("runs/tiny")                  # a training run directory (newest usable step)
+    ckpt = lj.load_checkpoint("hf/SmolLM2-135M")            # a Hugging Face directory
+    ckpt = lj.load_checkpoint("stories15M.bin", tokenizer="tokenizer.model")   # a llama2.c file
+
+gives the config, the parameter pytree, the tokenizer (SentencePiece or Hugging Face `tokenizers`), the chat
+template (the checkpoint's own Jinja template, or the project's for runs trained here), the stop tokens (every
+`eos_token_id` of generation_config.json, the tokenizer's EOS and the template's end-of-turn token) and where it
+all came from.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from pathlib import Path
+
+from llama_jax import chat
+from llama_jax.checkpoint import checkpoint_kind, load_run_params
+from llama_jax.config import ConfigError, ModelConfig
+from llama_jax.hf import CheckpointError, load_hf_checkpoint
+from llama_jax.llama2c import load_llama2c
+from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    config: ModelConfig
+    params: dict
+    tokenizer: object  # tokenizer.Tokenizer (SentencePiece) or tokenizer.HFTokenizer
+    chat_template: str | None  # Jinja source; None when the checkpoint has none (a base model)
+    stop_tokens: tuple[int, ...]
+    source: str  # "run directory runs/tiny, step 200", "Hugging Face directory ...", "llama2.c file ..."
+
+
+def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None) -> Checkpoint:
+    """Reads a training run directory (step: which checkpoint; default the newest usable one), a Hugging Face
+    directory or a llama2.c `.bin` file. `tokenizer` (a tokenizer.model, a tokenizer.json or a directory) replaces
+    the checkpoint's own; a llama2.c file, which has none, finds tokenizer.model beside it. One-line errors."""
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if step is not None and kind != "run":
+        raise ConfigError(f"--step {step}: {path} is not a training run directory, so it has no steps")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ConfigError(f"--tokenizer {tokenizer}: no such file or directory")
+    generation = {}
+    if kind == "run":
+        config, params, meta = load_run_params(path, step)
+        tok = load_tokenizer(tokenizer) if tokenizer else \
+            Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), path / "tokenizer.model")
+        template, source = chat.PROJECT_TEMPLATE, f"run directory {path}, step {meta['step']}"
+    elif kind == "llama2c":
+        config, params = load_llama2c(path)
+        tok = load_tokenizer(tokenizer or _beside(path.parent, path))
+        template, source = None, f"llama2.c file {path}"
+    else:
+        config, params = load_hf_checkpoint(path)
+        tok = load_tokenizer(tokenizer or _beside(path, path))
+        template = getattr(tok, "chat_template", None)
+        if template is None and tok.token_id(chat.END) is not None:
+            template = chat.PROJECT_TEMPLATE  # exported from a run trained here (before templates were exported)
+        generation = _generation_config(path)
+        source = f"Hugging Face directory {path}"
+    if tok.vocab_size > config.vocab_size:
+        raise ConfigError(f"{tok.model_file}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                          f"is {config.vocab_size}; they do not belong together")
+    eos = generation.get("eos_token_id")
+    listed = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    stops = [*listed, tok.eos_id, *(chat.template_stop_tokens(tok, template) if template else ())]
+    stops = tuple(dict.fromkeys(int(t) for t in stops if isinstance(t, int) and 0 <= t < config.vocab_size))
+    return Checkpoint(config, params, tok, template, stops, source)
+
+
+def _beside(directory: Path, checkpoint: Path) -> Path:
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file():
+        return directory
+    raise TokenizerError(f"{checkpoint}: no tokenizer.json or tokenizer.model beside the checkpoint (name one "
+                         "with --tokenizer)")
+
+
+def _generation_config(path: Path) -> dict:
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        config = json.loads(f.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    return config if isinstance(config, dict) else {}

@@ -1,0 +1,156 @@
+"""Hugging Face tokenizers (tokenizer.json), Jinja chat templates and stop tokens, against transformers'
+AutoTokenizer and apply_chat_template on tokenizers built here; and an HF directory with only those files."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+import llama_jax as lj
+from llama_jax import chat, generate_cli
+from llama_jax.tokenizer import HFTokenizer, TextStream, load_tokenizer
+from tests.hf_util import make_hf_llama
+
+TEXTS = [
+    "The king rode to the castle at night, and the queen waited by the river.",
+    "世界上最高的山峰是哪座?珠穆朗玛峰。",
+    "Emoji: 🦊🔥👍🏽 and a flag 🇫🇷!",
+    "def f(x):\n\t    return  x  +  1   # spaces\n\n\n",
+    "special strings in text: <|eot_id|> and <|begin_of_text|> and <|im_end|>",
+    "Ünïcödé façade — naïve café; Ελληνικά; русский текст; עברית; हिन्दी",
+]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                       "<|eot_id|>"],
+            "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}
+
+
+def build(directory, style):
+    """A byte-level BPE trained here, saved the way transformers saves one (Llama 3's or SmolLM's style)."""
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS[style],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(TEXTS * 20, trainer)
+    if style == "llama3":
+        bos = "<|begin_of_text|>"
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, tk.token_to_id(bos))])
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token="<|end_of_text|>",
+                                                    chat_template=LLAMA3_TEMPLATE)
+    else:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
+                                                    eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
+    fast.save_pretrained(directory)
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(scope="module", params=["llama3", "chatml"])
+def toks(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    auto = build(directory, request.param)
+    return request.param, directory, auto, load_tokenizer(directory)
+
+
+def ids_of(encoded):
+    return list(encoded["input_ids"] if isinstance(encoded, (dict, transformers.BatchEncoding)) else encoded)
+
+
+def test_ids_equal_auto_tokenizer_and_decode_round_trips(toks):
+    _, _, auto, tok = toks
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == len(auto)
+    for text in TEXTS:
+        assert tok.encode(text, bos=True) == auto(text)["input_ids"], text
+        assert tok.encode(text) == auto(text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(tok.encode(text)) == text == auto.decode(tok.encode(text))
+    assert tok.encode_batch(TEXTS, bos=True) == [auto(t)["input_ids"] for t in TEXTS]
+    assert tok.bos_id == auto.bos_token_id and tok.eos_id == auto.eos_token_id
+
+
+def test_streamed_text_equals_the_full_decode_at_every_prefix(toks):
+    _, _, _, tok = toks
+    for text in TEXTS:
+        ids = tok.encode(text)
+        stream, shown = TextStream(tok), ""
+        for k, token in enumerate(ids, 1):
+            new = stream.add(token)
+            assert "\ufffd" not in new
+            shown += new
+            full = tok.decode(ids[:k])
+            assert full.startswith(shown) and (shown == full or full.endswith("\ufffd") or
+                                               len(full) > len(shown)), (text, k)
+        shown += stream.flush()
+        assert shown == text
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_templates_render_as_apply_chat_template(toks, add_generation_prompt):
+    style, _, auto, tok = toks
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "世界上最高的山峰是哪座?"},
+                {"role": "assistant", "content": "Everest 🏔"}, {"role": "user", "content": "And  the second?"}]
+    for template in (tok.chat_template, chat.PROJECT_TEMPLATE, LLAMA3_TEMPLATE, CHATML_TEMPLATE):
+        for msgs in (messages, messages[1:]):
+            text = chat.render_template(template, msgs, add_generation_prompt, tok.special_tokens)
+            assert text == auto.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt)
+            assert chat.encode_conversation(tok, template, msgs, add_generation_prompt) == ids_of(
+                auto.apply_chat_template(msgs, chat_template=template, tokenize=True,
+                                         add_generation_prompt=add_generation_prompt))
+    end = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}[style]
+    assert chat.template_stop_tokens(tok, tok.chat_template) == (tok.token_id(end),)
+
+
+def test_a_template_error_is_one_line():
+    with pytest.raises(chat.ChatTemplateError, match="refused the conversation: no system"):
+        chat.render_template("{{ raise_exception('no system') }}", [])
+    with pytest.raises(chat.ChatTemplateError, match="does not parse"):
+        chat.render_template("{% for m in messages %}", [])
+
+
+def test_a_hugging_face_directory_with_only_tokenizer_json_and_a_template(tmp_path, capsys):
+    """generate.py on such a directory: greedy equals transformers' generate and stops at the stop tokens that
+    generation_config.json lists."""
+    auto = build(tmp_path, "llama3")
+    model = make_hf_llama(tmp_path, vocab_size=len(auto), hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=96,
+                          max_positions=128, bos=auto.bos_token_id, eos=auto.eos_token_id)
+    prompt = "The king rode"
+    ids = auto(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        # An explicit attention mask: BOS is id 0 here, which generate() would otherwise take for padding.
+        free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0]
+    free = free[ids.shape[1]:].tolist()
+    stop = free[5]  # make the sixth greedy token a stop token, as Llama 3 lists <|eot_id|> beside <|end_of_text|>
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [auto.eos_token_id, stop]}))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             eos_token_id=[auto.eos_token_id, stop], pad_token_id=0)[0][ids.shape[1]:].tolist()
+    assert ref[-1] == stop and len(ref) == free.index(stop) + 1
+    ckpt = lj.load_checkpoint(tmp_path)
+    assert stop in ckpt.stop_tokens and auto.eos_token_id in ckpt.stop_tokens
+    assert ckpt.stop_tokens[-1] == auto.convert_tokens_to_ids("<|eot_id|>")  # the template's end of turn
+    out = lj.generate(ckpt.params, ckpt.config, [auto(prompt)["input_ids"]], max_new_tokens=12, temperature=0.0,
+                      stop_tokens=ckpt.stop_tokens)[0]
+    assert out == ref
+    capsys.readouterr()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert generate_cli.main(["--checkpoint", str(tmp_path), "--prompt", prompt, "--temperature", "0",
+                                  "--max-new-tokens", "12"]) == 0
+    assert buf.getvalue().rstrip("\n") == prompt + auto.decode(ref[:-1])
+    assert np.isfinite(ckpt.params["embed"]).all()
