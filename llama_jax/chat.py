@@ -111,17 +111,32 @@ def template_stop_tokens(tok, template: str) -> tuple[int, ...]:
     return (ids[0],) if ids and tok.is_special(ids[0]) else ()
 
 
-def encode(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """(tokens with BOS, per-token flag "the loss counts this token as a target"). Each turn is encoded on its own
-    and concatenated, so the mask boundary falls exactly between the role marker and the content."""
-    tokens, train_on = [tok.bos_id], [False]
-    for m in messages:
-        head = tok.encode(f"<|{m['role']}|>")
-        body = tok.encode(f"{m['content']}{END}")
-        tail = tok.encode("\n")
-        tokens += head + body + tail
-        train_on += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
-    return tokens, train_on
+def encode(tok: Tokenizer, messages: list[dict], template: str = PROJECT_TEMPLATE) -> tuple[list[int], list[bool]]:
+    """(token ids of the conversation rendered with `template`, per token: "the loss counts this token as a
+    target"), for any template. The rendering is cut at each assistant message: the text up to it with the
+    generation prompt (what generate.py --chat feeds), then the message itself; each part is encoded on its own,
+    so the mask boundary falls exactly where the reply starts. The loss counts the reply's tokens up to and
+    including the template's end-of-turn token (not the newline some templates write after it)."""
+    special = getattr(tok, "special_tokens", None) or {"bos_token": tok.piece(tok.bos_id),
+                                                       "eos_token": tok.piece(tok.eos_id)}
+    ends = set(stop_tokens(tok, template))
+    tokens, train_on, done = [], [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_template(template, messages[:i], True, special)
+        after = render_template(template, messages[:i + 1], False, special)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise ChatTemplateError("the chat template does not render a conversation as the conversation before "
+                                    "each reply followed by the reply, so the reply's tokens cannot be masked")
+        head, reply = tok.encode_special(before[len(done):]), tok.encode_special(after[len(before):])
+        cut = next((j + 1 for j, t in enumerate(reply) if t in ends), len(reply))
+        tokens += head + reply
+        train_on += [False] * len(head) + [True] * cut + [False] * (len(reply) - cut)
+        done = after
+    full = render_template(template, messages, False, special)
+    rest = tok.encode_special(full[len(done):]) if full.startswith(done) and len(full) > len(done) else []
+    return tokens + rest, train_on + [False] * len(rest)
 
 
 def stop_tokens(tok: Tokenizer, template: str = PROJECT_TEMPLATE) -> tuple[int, ...]:
@@ -160,23 +175,25 @@ def conversation_texts(paths, utf8_errors: str = "strict"):
         yield render(messages)
 
 
-def truncate_turns(tok: Tokenizer, messages: list[dict], max_tokens: int) -> list[dict] | None:
+def truncate_turns(tok: Tokenizer, messages: list[dict], max_tokens: int, template: str = PROJECT_TEMPLATE
+                   ) -> list[dict] | None:
     """Drops whole turns from the end until the conversation fits (keeping at least one assistant turn), or None."""
     while messages:
-        if len(encode(tok, messages)[0]) <= max_tokens and any(m["role"] == "assistant" for m in messages):
+        if len(encode(tok, messages, template)[0]) <= max_tokens and any(m["role"] == "assistant" for m in messages):
             return messages
         messages = messages[:-1]
     return None
 
 
 def prepare_chat(paths, tok: Tokenizer, out_dir, *, val_fraction: float, seed: int, seq_len: int,
-                 utf8_errors: str = "strict") -> dict:
+                 utf8_errors: str = "strict", template: str = PROJECT_TEMPLATE) -> dict:
     """Like data.prepare for dialogues: train/val token files plus `{split}.mask.bin` (1 where the loss counts).
     Conversations longer than seq_len + 1 tokens are truncated by whole turns; the count is reported. An
     unchanged corpus, tokenizer and settings reuse the files already there."""
     out = Path(out_dir)
     fingerprint = {**corpus_fingerprint(paths), "tokenizer_sha256": tok.checksum, "val_fraction": val_fraction,
-                   "seed": seed, "seq_len": seq_len, "utf8_errors": utf8_errors, "format": "chat"}
+                   "seed": seed, "seq_len": seq_len, "utf8_errors": utf8_errors, "format": "chat",
+                   "template": template}
     try:
         meta = json.loads((out / "meta.json").read_text())
         if meta.get("fingerprint") == fingerprint:
@@ -191,12 +208,12 @@ def prepare_chat(paths, tok: Tokenizer, out_dir, *, val_fraction: float, seed: i
     splits = {s: ([], [], []) for s in ("train", "val")}  # tokens, masks, starts
     truncated = dropped = 0
     for _, messages in convs:
-        kept = truncate_turns(tok, messages, seq_len + 1)
+        kept = truncate_turns(tok, messages, seq_len + 1, template)
         if kept is None:
             dropped += 1
             continue
         truncated += len(kept) < len(messages)
-        tokens, mask = encode(tok, kept)
+        tokens, mask = encode(tok, kept, template)
         toks, masks, starts = splits["val" if rng.random() < val_fraction else "train"]
         starts.append(sum(map(len, toks)))
         toks.append(tokens)

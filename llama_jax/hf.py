@@ -207,10 +207,12 @@ def hf_state_dict(config: ModelConfig, params) -> dict[str, np.ndarray]:
     return out
 
 
-def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max_shard_bytes: int = 2 << 30):
-    """Writes config.json and float32 safetensors (sharded with an index above `max_shard_bytes`), plus the
-    SentencePiece tokenizer.model when a tokenizer (or a path to one) is given, loadable by
-    transformers.LlamaForCausalLM.from_pretrained."""
+def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max_shard_bytes: int = 2 << 30,
+                       chat_template: str | None = None, stop_tokens=()):
+    """Writes config.json and float32 safetensors (sharded with an index above `max_shard_bytes`), loadable by
+    transformers.LlamaForCausalLM.from_pretrained. With a SentencePiece tokenizer (or a path to one) it also writes
+    what AutoTokenizer needs to behave as the project does: tokenizer.model and tokenizer_config.json (BOS added,
+    the special tokens, the chat template), and generation_config.json listing the stop tokens."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
@@ -241,12 +243,34 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_config = config_to_hf(config)
     if tokenizer is not None:
-        model_bytes = getattr(tokenizer, "model_bytes", None) or Path(tokenizer).read_bytes()
-        (out / "tokenizer.model").write_bytes(model_bytes)
-        if hasattr(tokenizer, "bos_id"):
-            hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        from llama_jax.tokenizer import Tokenizer
+
+        tok = tokenizer if hasattr(tokenizer, "model_bytes") else Tokenizer(tokenizer)
+        (out / "tokenizer.model").write_bytes(tok.model_bytes)
+        hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, config, chat_template), indent=2))
+        eos = list(dict.fromkeys([tok.eos_id, *stop_tokens]))
+        (out / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": tok.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}, indent=2))
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     return out
+
+
+def tokenizer_config(tok, config: ModelConfig, chat_template: str | None) -> dict:
+    """tokenizer_config.json for a SentencePiece tokenizer, so that AutoTokenizer adds BOS as generate.py does
+    and keeps the model's own treatment of a leading space (tokenizers trained here add no dummy prefix)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    piece = lambda i: tok.piece(i) if i is not None and i >= 0 else None
+    out = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+           "unk_token": piece(tok.unk_id), "pad_token": piece(tok.pad_id), "add_bos_token": True,
+           "add_eos_token": False, "add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix),
+           "legacy": False, "model_max_length": config.max_seq_len}
+    if chat_template:
+        out["chat_template"] = chat_template
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def main(argv=None) -> int:
@@ -297,7 +321,10 @@ def main(argv=None) -> int:
             tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), src / "tokenizer.model")
             if args.overwrite:
                 _remove_export(out)
-            out = save_hf_checkpoint(out, config, params, tok, int(args.max_shard_gb * (1 << 30)))
+            from llama_jax import chat
+
+            out = save_hf_checkpoint(out, config, params, tok, int(args.max_shard_gb * (1 << 30)),
+                                     chat_template=chat.PROJECT_TEMPLATE, stop_tokens=chat.stop_tokens(tok))
         else:
             if kind == "run":
                 raise CheckpointError(f"--checkpoint {src}: import reads a Hugging Face directory (config.json, "

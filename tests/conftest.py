@@ -2,6 +2,14 @@ import os
 
 # Multi-device tests need several host devices; set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Many tests (and the train.py / generate.py processes they start) compile the same small programs again: a
+# persistent compilation cache, new for each test session, compiles each of them once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama_jax_test_jit_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # On a GPU, JAX would otherwise take 75% of its memory up front, leaving too little for the train.py /
 # generate.py subprocesses that the CLI tests start (seen on an H100: allocator errors in their stderr).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

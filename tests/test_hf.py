@@ -174,3 +174,39 @@ def test_a_sliding_window_shorter_than_the_context_is_refused_in_one_line(tmp_pa
     with pytest.raises(lj.CheckpointError, match="sliding_window=16 is shorter than the context "
                                                  "max_position_embeddings=64"):
         lj.load_hf_checkpoint(tmp_path)
+
+
+def test_export_behaves_like_the_project_in_auto_tokenizer_and_llama(tmp_path):
+    """An export of a run trained here: AutoTokenizer gives the same ids (BOS included) and chat rendering, and
+    LlamaForCausalLM the same greedy tokens."""
+    import transformers
+
+    from llama_jax import chat, checkpoint, hf
+    from llama_jax.tokenizer import train_tokenizer
+
+    text = "The king rode to the castle at night, and the queen waited.  Two  spaces\n\tand a tab. 世界 🦊\n"
+    tok = train_tokenizer([text * 20], 300, tmp_path / "tok" / "tokenizer.model")
+    make_hf_llama(tmp_path / "src", vocab_size=320, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=96)
+    (tmp_path / "src" / "tokenizer.model").write_bytes(tok.model_bytes)
+    assert hf.main(["import", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
+    assert hf.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for t in (text, " leading space", "x<|user|>y<|end|>", "世界上最高的山峰是哪座?"):
+        assert auto(t)["input_ids"] == tok.encode(t, bos=True), t
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
+    rendered = auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == chat.render_template(chat.PROJECT_TEMPLATE, messages, True, {"bos_token": "<s>"})
+    ids = auto.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    assert ids == chat.encode_conversation(tok, chat.PROJECT_TEMPLATE, messages, True)
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_id, tok.token_id("<|end|>")]
+    llama = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    prompt = tok.encode("The king", bos=True)
+    with torch.no_grad():
+        ref = llama.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0]
+    config, params, _ = checkpoint.load_run_params(tmp_path / "run")
+    ours = lj.generate(params, config, [prompt], max_new_tokens=10, temperature=0.0)[0]
+    assert ours == ref[len(prompt):].tolist()

@@ -154,3 +154,28 @@ def test_a_hugging_face_directory_with_only_tokenizer_json_and_a_template(tmp_pa
                                   "--max-new-tokens", "12"]) == 0
     assert buf.getvalue().rstrip("\n") == prompt + auto.decode(ref[:-1])
     assert np.isfinite(ckpt.params["embed"]).all()
+
+
+@pytest.mark.parametrize("template_name", ["project", "llama3", "chatml"])
+def test_the_fine_tuning_mask_covers_exactly_the_assistant_replies_for_any_template(toks, template_name):
+    _, _, auto, tok = toks
+    template = {"project": chat.PROJECT_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE}[template_name]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"},
+                {"role": "assistant", "content": "Four."}, {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You are welcome 🦊"}]
+    tokens, mask = chat.encode(tok, messages, template)
+    end = chat.template_stop_tokens(tok, template)
+    if template_name == "project":  # these tokenizers have no <|end|> piece: the project's template ends turns in text
+        assert end == ()
+    expected_text = "".join(chat.render_template(template, messages[:i + 1], False, tok.special_tokens)[
+        len(chat.render_template(template, messages[:i], True, tok.special_tokens)):] for i in (2, 4))
+    trained = [t for t, m in zip(tokens, mask) if m]
+    if end:  # the reply and its end-of-turn token, nothing after it
+        assert tok.decode(trained) == "Four." + tok.piece(end[0]) + "You are welcome 🦊" + tok.piece(end[0])
+    else:
+        assert tok.decode(trained) == expected_text
+    # The whole sequence decodes to the rendered conversation (encoded in parts, nothing lost or added).
+    assert tok.decode(tokens) == chat.render_template(template, messages, False, tok.special_tokens)
+    # What generate.py --chat feeds before a reply is exactly the sequence's tokens up to that reply.
+    prompt = chat.encode_conversation(tok, template, messages[:3 - 1], add_generation_prompt=True)
+    assert tokens[:len(prompt)] == prompt and mask[len(prompt)] and not any(mask[:len(prompt)])
