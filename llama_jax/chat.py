@@ -113,14 +113,16 @@ def template_stop_tokens(tok, template: str) -> tuple[int, ...]:
 
 def encode(tok: Tokenizer, messages: list[dict], template: str = PROJECT_TEMPLATE) -> tuple[list[int], list[bool]]:
     """(token ids of the conversation rendered with `template`, per token: "the loss counts this token as a
-    target"), for any template. The rendering is cut at each assistant message: the text up to it with the
-    generation prompt (what generate.py --chat feeds), then the message itself; each part is encoded on its own,
-    so the mask boundary falls exactly where the reply starts. The loss counts the reply's tokens up to and
-    including the template's end-of-turn token (not the newline some templates write after it)."""
+    target"), for any template. Each reply is found in the rendering as what the template adds to the conversation
+    before it (rendered with the generation prompt, what generate.py --chat feeds) when the reply is appended. The
+    loss counts the reply's tokens up to and including the template's end-of-turn token (not the newline some
+    templates write after it). A tokenizers tokenizer encodes the whole text and places the replies by its
+    tokens' character offsets (byte-level BPE may merge across a boundary encoded in parts); a SentencePiece one
+    encodes the parts (its templates' boundaries fall on single-piece markers)."""
     special = getattr(tok, "special_tokens", None) or {"bos_token": tok.piece(tok.bos_id),
                                                        "eos_token": tok.piece(tok.eos_id)}
     ends = set(stop_tokens(tok, template))
-    tokens, train_on, done = [], [], ""
+    spans, done = [], ""  # (start, end) of each reply in the rendered text
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -129,14 +131,28 @@ def encode(tok: Tokenizer, messages: list[dict], template: str = PROJECT_TEMPLAT
         if not (before.startswith(done) and after.startswith(before)):
             raise ChatTemplateError("the chat template does not render a conversation as the conversation before "
                                     "each reply followed by the reply, so the reply's tokens cannot be masked")
-        head, reply = tok.encode_special(before[len(done):]), tok.encode_special(after[len(before):])
-        cut = next((j + 1 for j, t in enumerate(reply) if t in ends), len(reply))
-        tokens += head + reply
-        train_on += [False] * len(head) + [True] * cut + [False] * (len(reply) - cut)
+        spans.append((len(before), len(after)))
         done = after
     full = render_template(template, messages, False, special)
-    rest = tok.encode_special(full[len(done):]) if full.startswith(done) and len(full) > len(done) else []
-    return tokens + rest, train_on + [False] * len(rest)
+    if not full.startswith(done):
+        raise ChatTemplateError("the chat template renders a whole conversation differently from its prefixes")
+    if hasattr(tok, "encode_with_offsets"):
+        tokens, offsets = tok.encode_with_offsets(full)
+        in_reply = [next((k for k, (a, b) in enumerate(spans) if a <= start < b), None) for start, _ in offsets]
+    else:
+        cuts = sorted({0, len(full), *[x for span in spans for x in span]})
+        tokens, in_reply = [], []
+        for a, b in zip(cuts, cuts[1:]):
+            part = tok.encode_special(full[a:b])
+            k = next((k for k, span in enumerate(spans) if span == (a, b)), None)
+            tokens += part
+            in_reply += [k] * len(part)
+    train_on, ended = [], set()
+    for t, k in zip(tokens, in_reply):
+        train_on.append(k is not None and k not in ended)
+        if k is not None and t in ends:
+            ended.add(k)  # what follows the end-of-turn token (a newline) is not the model's to produce
+    return tokens, train_on
 
 
 def stop_tokens(tok: Tokenizer, template: str = PROJECT_TEMPLATE) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from llama_jax import train as T
 from llama_jax.config import ConfigError, ModelConfig, RunConfig, build, dump_yaml, load_run_config
+from llama_jax.tokenizer import tokenizer_from_files
 
 
 class ResumeError(ValueError):
@@ -84,6 +85,21 @@ def _short(error: Exception) -> str:
 
 def encode_bytes(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def tokenizer_meta(tok) -> dict:
+    """How a checkpoint's meta carries the run's tokenizer: its files (tokenizer.model, or tokenizer.json with
+    tokenizer_config.json and a chat template)."""
+    return {"tokenizer_files": {name: encode_bytes(content) for name, content in tok.files.items()}}
+
+
+def tokenizer_of(meta: dict, where: str | Path):
+    """The tokenizer a checkpoint's meta carries (`where` names it in messages)."""
+    if "tokenizer_files" in meta:
+        files = {name: base64.b64decode(content) for name, content in meta["tokenizer_files"].items()}
+    else:  # checkpoints written before tokenizer.json support carried a SentencePiece model alone
+        files = {"tokenizer.model": base64.b64decode(meta["tokenizer"])}
+    return tokenizer_from_files(files, where)
 
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
@@ -200,7 +216,7 @@ def load_run_params(run_dir, step: int | None = None):
     return run_config_of(meta).model, state.params, meta | {"step": step}
 
 
-def save_imported(run_dir, model_config: ModelConfig, params, tokenizer_bytes: bytes, loader_state: dict) -> Path:
+def save_imported(run_dir, model_config: ModelConfig, params, tok, loader_state: dict) -> Path:
     """Writes weights from elsewhere (e.g. Hugging Face) as step 0 of a new run directory, with a fresh optimizer
     state, so that generate.py, train.py --init-from and --resume can use it."""
     run_dir = Path(run_dir)
@@ -209,11 +225,11 @@ def save_imported(run_dir, model_config: ModelConfig, params, tokenizer_bytes: b
     base = load_run_config(None, [f"train.seq_len={min(256, model_config.max_seq_len)}"])
     config = dataclasses.replace(base, model=model_config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "tokenizer.model").write_bytes(tokenizer_bytes)
+    tok.save(run_dir)
     dump_yaml(config, run_dir / "config.yaml")
     state = T.init_state(model_config, config.train, jax.random.key(0), params)
     mgr = manager(run_dir / "checkpoints", async_save=False)
-    meta = {"step": 0, "loader": loader_state, "config": config.to_dict(), "tokenizer": encode_bytes(tokenizer_bytes)}
+    meta = {"step": 0, "loader": loader_state, "config": config.to_dict(), **tokenizer_meta(tok)}
     save(mgr, 0, state, meta)
     mgr.wait_until_finished()
     mgr.close()

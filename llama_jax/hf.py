@@ -243,12 +243,14 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_config = config_to_hf(config)
     if tokenizer is not None:
-        from llama_jax.tokenizer import Tokenizer
+        from llama_jax.tokenizer import HFTokenizer, load_tokenizer
 
-        tok = tokenizer if hasattr(tokenizer, "model_bytes") else Tokenizer(tokenizer)
-        (out / "tokenizer.model").write_bytes(tok.model_bytes)
+        tok = tokenizer if hasattr(tokenizer, "model_bytes") else load_tokenizer(tokenizer)
+        tok.save(out)
         hf_config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, config, chat_template), indent=2))
+        if not isinstance(tok, HFTokenizer):  # a tokenizers checkpoint brings its own tokenizer_config.json
+            (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, config, chat_template),
+                                                                  indent=2))
         eos = list(dict.fromkeys([tok.eos_id, *stop_tokens]))
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tok.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}, indent=2))
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     from llama_jax import checkpoint
     from llama_jax.data import LoaderState
     from llama_jax.llama2c import Llama2cError
-    from llama_jax.tokenizer import Tokenizer, TokenizerError
+    from llama_jax.tokenizer import TokenizerError, load_tokenizer
 
     try:
         src, out = Path(args.checkpoint), Path(args.out)
@@ -316,26 +318,24 @@ def main(argv=None) -> int:
                 raise CheckpointError(f"--max-shard-gb={args.max_shard_gb} must be > 0")
             _check_export_target(out, args.overwrite)
             config, params, meta = checkpoint.load_run_params(src, args.step)
-            import base64
-
-            tok = Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), src / "tokenizer.model")
+            tok = checkpoint.tokenizer_of(meta, src)
             if args.overwrite:
                 _remove_export(out)
             from llama_jax import chat
 
+            template = tok.chat_template or chat.PROJECT_TEMPLATE
             out = save_hf_checkpoint(out, config, params, tok, int(args.max_shard_gb * (1 << 30)),
-                                     chat_template=chat.PROJECT_TEMPLATE, stop_tokens=chat.stop_tokens(tok))
+                                     chat_template=template, stop_tokens=chat.stop_tokens(tok, template))
         else:
             if kind == "run":
                 raise CheckpointError(f"--checkpoint {src}: import reads a Hugging Face directory (config.json, "
                                       "*.safetensors) or a llama2.c .bin file; this one is a training run directory "
                                       "already")
-            tok_file = Path(args.tokenizer) if args.tokenizer else \
-                (src.parent if kind == "llama2c" else src) / "tokenizer.model"
-            if not tok_file.is_file():
-                raise CheckpointError(f"{tok_file}: no such file (a SentencePiece tokenizer.model is required; name "
-                                      "one with --tokenizer)")
-            tok = Tokenizer(tok_file)
+            tok_path = Path(args.tokenizer) if args.tokenizer else src.parent if kind == "llama2c" else src
+            if not (tok_path.is_file() or (tok_path / "tokenizer.json").is_file()
+                    or (tok_path / "tokenizer.model").is_file()):
+                raise CheckpointError(f"{tok_path}: no tokenizer.json or tokenizer.model (name one with --tokenizer)")
+            tok = load_tokenizer(tok_path)
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 raise CheckpointError(f"--out {out}: exists and is not an empty directory; choose a new one")
             if kind == "llama2c":
@@ -345,10 +345,9 @@ def main(argv=None) -> int:
             else:
                 config, params = load_hf_checkpoint(src)
             if tok.vocab_size > config.vocab_size:
-                raise CheckpointError(f"{tok_file}: {tok.vocab_size} pieces, more than the model's vocabulary "
+                raise CheckpointError(f"{tok.model_file}: {tok.vocab_size} tokens, more than the model's vocabulary "
                                       f"{config.vocab_size}")
-            out = checkpoint.save_imported(out, config, params, tok.model_bytes,
-                                           LoaderState(seed=0).to_dict())
+            out = checkpoint.save_imported(out, config, params, tok, LoaderState(seed=0).to_dict())
     except (CheckpointError, checkpoint.ResumeError, TokenizerError, ConfigError, Llama2cError) as err:
         return fail(str(err))
     print(f"wrote {out}")

@@ -12,17 +12,16 @@ all came from.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 from pathlib import Path
 
 from llama_jax import chat
-from llama_jax.checkpoint import checkpoint_kind, load_run_params
+from llama_jax.checkpoint import checkpoint_kind, load_run_params, tokenizer_of
 from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.hf import CheckpointError, load_hf_checkpoint
 from llama_jax.llama2c import load_llama2c
-from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from llama_jax.tokenizer import TokenizerError, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -48,9 +47,9 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
     generation = {}
     if kind == "run":
         config, params, meta = load_run_params(path, step)
-        tok = load_tokenizer(tokenizer) if tokenizer else \
-            Tokenizer.from_bytes(base64.b64decode(meta["tokenizer"]), path / "tokenizer.model")
-        template, source = chat.PROJECT_TEMPLATE, f"run directory {path}, step {meta['step']}"
+        tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_of(meta, path)
+        template = tok.chat_template or chat.PROJECT_TEMPLATE
+        source = f"run directory {path}, step {meta['step']}"
     elif kind == "llama2c":
         config, params = load_llama2c(path)
         tok = load_tokenizer(tokenizer or _beside(path.parent, path))

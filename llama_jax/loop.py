@@ -26,7 +26,7 @@ from llama_jax import train as T
 from llama_jax.config import ConfigError, RunConfig, add_config_flags, load_run_config, overrides_from_args
 from llama_jax.hf import CheckpointError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
-from llama_jax.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,8 +202,8 @@ def check_run(config: RunConfig, run_dir: Path, resume: bool):
         raise ConfigError(f"train.batch_size={tc.batch_size} / grad_accum={tc.grad_accum} = {micro} sequences per "
                           f"micro-batch must be divisible by the mesh's data x fsdp = {ways} and by the "
                           f"{jax.process_count()} processes")
-    if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer={config.data.tokenizer}: no such file")
+    if config.data.tokenizer and not Path(config.data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer={config.data.tokenizer}: no such file or directory")
     data.expand_paths(config.data.path) if config.data.path else None  # a missing corpus fails here, not later
     return mesh
 
@@ -275,30 +275,26 @@ def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
                                      f"{', '.join(changed)}")
 
 
-def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None, meta: dict | None
-                      ) -> Tokenizer:
-    """The run's tokenizer.model. Resuming: the checkpoint's own. Else the one given (data.tokenizer, or the
-    init_from run's), copied in; else one trained on the corpus, reused only if an earlier attempt in this
-    directory trained it on the same files with the same settings."""
+def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None, meta: dict | None):
+    """The run's tokenizer, kept in the run directory (tokenizer.model, or tokenizer.json with its config and chat
+    template). Resuming: the checkpoint's own. Else the one given (data.tokenizer: a tokenizer.model, a
+    tokenizer.json or a Hugging Face directory; or the init_from checkpoint's), copied in; else one trained on the
+    corpus, reused only if an earlier attempt in this directory trained it on the same files with the same
+    settings."""
     target = run_dir / "tokenizer.model"
     if meta is not None:  # resuming: the checkpoint holds the tokenizer it was trained with
-        import base64
-
-        saved = base64.b64decode(meta["tokenizer"])
-        if config.data.tokenizer and Path(config.data.tokenizer).read_bytes() != saved:
+        saved = checkpoint.tokenizer_of(meta, run_dir)
+        if config.data.tokenizer and load_tokenizer(config.data.tokenizer).files != saved.files:
             raise ConfigError(f"data.tokenizer={config.data.tokenizer} differs from the tokenizer the checkpoint in "
                               f"{run_dir} was trained with")
-        if not target.is_file() or target.read_bytes() != saved:
-            print(f"note: restoring {target} from the checkpoint", file=sys.stderr)
-            _write_atomic(target, saved)
-        return _check_vocab(Tokenizer(target), config)
-    source = config.data.tokenizer or (init_dir / "tokenizer.model" if init_dir else None)
+        _keep_copy(saved, run_dir)
+        return _check_vocab(saved, config)
+    source = config.data.tokenizer or init_dir
     if source is not None:
-        tok = Tokenizer(source)  # fails with one line if it is not a SentencePiece model
-        if Path(source).resolve() != target.resolve():
-            _write_atomic(target, tok.model_bytes)
+        tok = load_tokenizer(source)  # fails with one line if it is neither kind of tokenizer
+        _keep_copy(tok, run_dir)
         _source_record(run_dir).unlink(missing_ok=True)
-        return _check_vocab(Tokenizer(target), config)
+        return _check_vocab(tok, config)
     record = {"corpus": data.corpus_fingerprint(corpus, config.data.text_field, config.data.separator),
               "vocab_size": config.model.vocab_size, "type": config.data.tokenizer_type, "format": config.data.format}
     if target.is_file():
@@ -316,8 +312,24 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path |
         texts = (t for _, t in data.iter_documents(corpus, config.data.text_field, config.data.separator,
                                                    config.data.utf8_errors))
     tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
+    _keep_copy(tok, run_dir)
     _write_atomic(_source_record(run_dir), json.dumps(record).encode())
     return _check_vocab(tok, config)
+
+
+def _keep_copy(tok, run_dir: Path) -> None:
+    """The run directory's copy of its tokenizer's files (only those of its own kind: a stale tokenizer.json never
+    sits beside a tokenizer.model)."""
+    from llama_jax.tokenizer import HFTokenizer
+
+    names = set(tok.files)
+    for name in set(HFTokenizer.FILES) | {"tokenizer.model"}:
+        path = run_dir / name
+        if name in names:
+            if not path.is_file() or path.read_bytes() != tok.files[name]:
+                _write_atomic(path, tok.files[name])
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _source_record(run_dir: Path) -> Path:
@@ -340,22 +352,23 @@ def _write_atomic(path: Path, content: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_vocab(tok: Tokenizer, config: RunConfig) -> Tokenizer:
+def _check_vocab(tok, config: RunConfig):
     if tok.vocab_size > config.model.vocab_size:  # fewer is fine: padded vocabularies leave rows unused
         raise ConfigError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but model.vocab_size="
                           f"{config.model.vocab_size}; set --model.vocab_size={tok.vocab_size}")
     return tok
 
 
-def prepare_data(config: RunConfig, run_dir: Path, corpus, tok: Tokenizer, progress: bool):
+def prepare_data(config: RunConfig, run_dir: Path, corpus, tok, progress: bool):
     """Token files in data.cache_dir (default RUN_DIR/data); returns the (train, validation) splits."""
     cache = Path(config.data.cache_dir or run_dir / "data")
     own_cache = config.data.cache_dir is None  # tokens of another tokenizer there are ours to replace
     if config.data.format == "chat":
-        from llama_jax.chat import prepare_chat
+        from llama_jax.chat import PROJECT_TEMPLATE, prepare_chat
 
         prepare_chat(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=config.train.seed,
-                     seq_len=config.train.seq_len, utf8_errors=config.data.utf8_errors)
+                     seq_len=config.train.seq_len, utf8_errors=config.data.utf8_errors,
+                     template=tok.chat_template or PROJECT_TEMPLATE)
     else:
         data.prepare(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=config.train.seed,
                      text_field=config.data.text_field, separator=config.data.separator,
@@ -446,8 +459,8 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0
 
     def save(step: int):
         meta = {"step": step, "loader": loader.state.to_dict(), "config": config.to_dict(),
-                "tokenizer": checkpoint.encode_bytes(tok.model_bytes)}
-        checkpoint.save(mgr, step, state, meta, where=ckpt_dir)
+                **checkpoint.tokenizer_meta(tok)}
+        checkpoint.save(mgr, step, state, meta, where=ckpt_dir)  # meta holds the tokenizer's files too
 
     from tqdm import tqdm
 

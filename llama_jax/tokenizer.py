@@ -48,6 +48,15 @@ class Tokenizer:
         self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
         self.checksum = hashlib.sha256(self.model_bytes).hexdigest()
 
+    chat_template = None  # a SentencePiece model carries no chat template
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self.model_bytes}
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / "tokenizer.model").write_bytes(self.model_bytes)
+
     @classmethod
     def from_bytes(cls, model_bytes: bytes, name: str | Path = "tokenizer.model") -> Tokenizer:
         """A tokenizer from a serialized model (as a checkpoint stores it); `name` is what messages call it."""
@@ -110,7 +119,12 @@ class HFTokenizer:
     conversion adds <s> when its add_bos_token says so), as transformers' AutoTokenizer does; special (added)
     tokens written in the text are single ids."""
 
-    def __init__(self, path: str | Path):
+    FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+    def __init__(self, path: str | Path, files: dict[str, bytes] | None = None):
+        """From a directory holding tokenizer.json (and tokenizer_config.json, chat_template.jinja if present), a
+        tokenizer.json file beside them, or `files` (name -> bytes, as a checkpoint stores them; `path` then only
+        names them in messages)."""
         import json
 
         import tokenizers
@@ -118,32 +132,41 @@ class HFTokenizer:
         path = Path(path)
         directory = path if path.is_dir() else path.parent
         self.model_file = path / "tokenizer.json" if path.is_dir() else path
-        if not self.model_file.is_file():
-            raise TokenizerError(f"{self.model_file}: tokenizer.json not found")
-        self.model_bytes = self.model_file.read_bytes()
+        if files is None:
+            if not self.model_file.is_file():
+                raise TokenizerError(f"{self.model_file}: tokenizer.json not found")
+            files = {"tokenizer.json": self.model_file.read_bytes()}
+            files |= {n: (directory / n).read_bytes() for n in self.FILES[1:] if (directory / n).is_file()}
+        self.files = files
+        self.model_bytes = files["tokenizer.json"]
         try:
             self.tk = tokenizers.Tokenizer.from_str(self.model_bytes.decode("utf-8"))
         except Exception as e:  # the Rust library's own exception for a file it cannot parse
             raise TokenizerError(f"{self.model_file}: not a tokenizers JSON file ({str(e)[:120]})") from None
         self.config = {}
-        config_file = directory / "tokenizer_config.json"
-        if config_file.is_file():
+        if "tokenizer_config.json" in files:
             try:
-                self.config = json.loads(config_file.read_text(encoding="utf-8"))
+                self.config = json.loads(files["tokenizer_config.json"].decode("utf-8"))
             except ValueError as e:
-                raise TokenizerError(f"{config_file}: not valid JSON ({e})") from None
+                raise TokenizerError(f"{directory / 'tokenizer_config.json'}: not valid JSON ({e})") from None
         self.special_tokens = {name: _token_content(self.config.get(name))
                                for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         ids = {name: self.tk.token_to_id(t) if t else None for name, t in self.special_tokens.items()}
         self.bos_id, self.eos_id = _or_minus_one(ids["bos_token"]), _or_minus_one(ids["eos_token"])
         self.pad_id, self.unk_id = _or_minus_one(ids["pad_token"]), _or_minus_one(ids["unk_token"])
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        self.checksum = hashlib.sha256(self.model_bytes).hexdigest()
-        template_file = directory / "chat_template.jinja"
+        self.checksum = hashlib.sha256(b"".join(files[n] for n in sorted(files))).hexdigest()
         template = self.config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else template
+        if "chat_template.jinja" in files:
+            template = files["chat_template.jinja"].decode("utf-8")
+        self.chat_template = template
+
+    def save(self, directory: str | Path) -> None:
+        """Writes its files (tokenizer.json, tokenizer_config.json, chat_template.jinja) into `directory`."""
+        for name, content in self.files.items():
+            (Path(directory) / name).write_bytes(content)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=bos).ids
@@ -172,6 +195,11 @@ class HFTokenizer:
     def encode_special(self, text: str) -> list[int]:
         """Encodes a rendered chat template: the special tokens written in it are their ids; nothing is added."""
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode_special's ids and each token's (start, end) character span in `text`."""
+        encoding = self.tk.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def is_special(self, token: int) -> bool:
         added = self.tk.get_added_tokens_decoder().get(int(token))
@@ -213,6 +241,13 @@ class TextStream:
         after = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return after[len(before):]
+
+
+def tokenizer_from_files(files: dict[str, bytes], where: str | Path):
+    """The tokenizer a checkpoint stored as its files (see `files` of either backend)."""
+    if "tokenizer.json" in files:
+        return HFTokenizer(Path(where) / "tokenizer.json", files)
+    return Tokenizer.from_bytes(files["tokenizer.model"], Path(where) / "tokenizer.model")
 
 
 def load_tokenizer(path: str | Path):

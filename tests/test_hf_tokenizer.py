@@ -176,6 +176,51 @@ def test_the_fine_tuning_mask_covers_exactly_the_assistant_replies_for_any_templ
         assert tok.decode(trained) == expected_text
     # The whole sequence decodes to the rendered conversation (encoded in parts, nothing lost or added).
     assert tok.decode(tokens) == chat.render_template(template, messages, False, tok.special_tokens)
-    # What generate.py --chat feeds before a reply is exactly the sequence's tokens up to that reply.
-    prompt = chat.encode_conversation(tok, template, messages[:3 - 1], add_generation_prompt=True)
-    assert tokens[:len(prompt)] == prompt and mask[len(prompt)] and not any(mask[:len(prompt)])
+    # The same ids as apply_chat_template gives the whole conversation, and training starts at the first reply.
+    assert tokens == chat.encode_conversation(tok, template, messages)
+    assert tok.decode(tokens[mask.index(True):]).startswith("Four.")
+
+
+def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
+    """--data.tokenizer takes a Hugging Face directory; the run keeps its files; --init-from a Hugging Face
+    directory with only tokenizer.json fine-tunes on dialogues rendered with its own template."""
+    from llama_jax import data, loop
+
+    hf_dir = tmp_path / "hf"
+    auto = build(hf_dir, "llama3")
+    make_hf_llama(hf_dir, vocab_size=len(auto), hidden_size=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                  max_positions=128, bos=auto.bos_token_id, eos=auto.eos_token_id)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(" ".join(TEXTS[(i + j) % len(TEXTS)] for j in range(8)))
+    small = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
+             "--model.ffn_dim=64", "--model.max_seq_len=64", "--train.seq_len=32", "--train.batch_size=4",
+             "--train.eval_every=100", "--train.peak_flops=1e12", "--train.warmup_steps=1"]
+    run = tmp_path / "run"
+    args = small + [f"--model.vocab_size={len(auto)}", f"--data.tokenizer={hf_dir}", f"--data.path={corpus}",
+                    "--run-dir", str(run)]
+    assert loop.main(args + ["--train.steps=3"]) == 0
+    assert (run / "tokenizer.json").is_file() and not (run / "tokenizer.model").exists()
+    tok = load_tokenizer(hf_dir)
+    split = data.open_split(run / "data", "train", tok)
+    first = split.tokens[: split.doc_starts[1]].tolist() if len(split.doc_starts) > 1 else split.tokens.tolist()
+    assert first[0] == auto.bos_token_id and first[-1] == auto.eos_token_id
+    ckpt = lj.load_checkpoint(run)
+    assert isinstance(ckpt.tokenizer, HFTokenizer) and ckpt.chat_template == LLAMA3_TEMPLATE
+    assert auto.convert_tokens_to_ids("<|eot_id|>") in ckpt.stop_tokens
+    assert loop.main(args + ["--train.steps=5", "--resume"]) == 0
+
+    dialogues = tmp_path / "dialogues.jsonl"
+    conv = {"messages": [{"role": "user", "content": "Who rode to the castle?"},
+                         {"role": "assistant", "content": "The king."}]}
+    dialogues.write_text((json.dumps(conv) + "\n") * 30)
+    ft = tmp_path / "ft"
+    assert loop.main(small + ["--init-from", str(hf_dir), "--data.format=chat", f"--data.path={dialogues}",
+                              "--run-dir", str(ft), "--train.steps=2", "--train.seq_len=96",
+                              "--model.max_seq_len=128"]) == 0
+    split = data.open_split(ft / "data", "train", tok)
+    n = split.doc_starts[1] if len(split.doc_starts) > 1 else split.n_tokens
+    tokens, mask = split.tokens[:n].tolist(), split.target_mask[:n].tolist()
+    assert tokens == ids_of(auto.apply_chat_template(conv["messages"], tokenize=True))
+    assert auto.decode([t for t, m in zip(tokens, mask) if m]) == "The king.<|eot_id|>"
