@@ -1,7 +1,6 @@
 """Faults and unlucky runs: damaged checkpoints, kills and double signals, a failing save, divergence, several
 processes, and corpora a first test would not try. Each ends with what a user does next (resume, sample) working."""
 
-import base64
 import json
 import os
 import resource
@@ -312,8 +311,8 @@ def test_export_overwrite_removes_stale_shards(good, tmp_path):
     assert hf.main(["export", "--checkpoint", str(good), "--out", str(out), "--overwrite"]) == 0
     assert not list(out.glob("model-*")) and not (out / "model.safetensors.index.json").exists()
     assert (out / "model.safetensors").is_file()
-    tok = base64.b64decode(checkpoint.load_run_params(good)[2]["tokenizer"])
-    assert (out / "tokenizer.model").read_bytes() == tok
+    tok = checkpoint.tokenizer_of(checkpoint.load_run_params(good)[2], good)
+    assert (out / "tokenizer.model").read_bytes() == tok.model_bytes == (good / "tokenizer.model").read_bytes()
 
 
 # --- several processes -------------------------------------------------------------------------------------------
