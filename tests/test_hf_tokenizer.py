@@ -224,3 +224,64 @@ def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     tokens, mask = split.tokens[:n].tolist(), split.target_mask[:n].tolist()
     assert tokens == ids_of(auto.apply_chat_template(conv["messages"], tokenize=True))
     assert auto.decode([t for t, m in zip(tokens, mask) if m]) == "The king.<|eot_id|>"
+
+
+def test_chat_answers_two_turns_in_a_terminal(tmp_path):
+    """generate.py --chat on a Hugging Face directory, driven through a pseudo-terminal as a person types."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    auto = build(tmp_path, "llama3")
+    make_hf_llama(tmp_path, vocab_size=len(auto), hidden_size=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                  max_positions=256, bos=auto.bos_token_id, eos=auto.eos_token_id)
+    ckpt = lj.load_checkpoint(tmp_path)
+
+    def reply(history):
+        prompt = chat.encode_conversation(ckpt.tokenizer, ckpt.chat_template, history, add_generation_prompt=True)
+        new = lj.generate(ckpt.params, ckpt.config, [prompt], max_new_tokens=8, temperature=0.0,
+                          stop_tokens=ckpt.stop_tokens)[0]
+        return ckpt.tokenizer.decode([t for t in new if t not in ckpt.stop_tokens])
+
+    history = [{"role": "user", "content": "Who rode to the castle?"}]
+    first = reply(history)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    second = reply(history)
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(root / "generate.py"), "--checkpoint", str(tmp_path), "--chat",
+                             "--temperature", "0", "--max-new-tokens", "8"], stdin=slave, stdout=slave,
+                            stderr=slave, env={**os.environ, "PYTHONPATH": str(root)})  # a terminal shows both
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout=120.0) -> str:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while marker not in seen and time.time() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        if marker not in seen:
+            proc.kill()
+            pytest.fail(f"no {marker!r} within {timeout:.0f}s; the terminal showed {seen!r}")
+        before, _, seen = seen.partition(marker)
+        return before.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+    try:
+        read_until(b"you> ")
+        os.write(master, b"Who rode to the castle?\n")
+        out1 = read_until(b"you> ")
+        os.write(master, b"And then?\n")
+        out2 = read_until(b"you> ")
+        os.write(master, b"\x04")  # Ctrl-D ends the chat
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert out1.split("assistant> ", 1)[1].rstrip("\n") == first
+    assert out2.split("assistant> ", 1)[1].rstrip("\n") == second
