@@ -22,6 +22,7 @@ from benchmarks.common import machine, table  # noqa: E402
 from llama_jax import data  # noqa: E402
 from llama_jax import train as T  # noqa: E402
 from llama_jax.config import TrainConfig  # noqa: E402
+from llama_jax.shakespeare import default_corpus  # noqa: E402
 from llama_jax.tokenizer import train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main():
     print(f"machine: {machine()}")
-    corpus = data.default_corpus()
+    corpus = default_corpus()
     mb = sum(f.stat().st_size for f in corpus.glob("*.txt")) / 1e6
     tmp = Path(tempfile.mkdtemp())
     texts = [t for _, t in data.iter_documents(corpus)]

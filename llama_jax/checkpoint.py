@@ -264,11 +264,3 @@ def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
                           "checkpoint directory with safetensors weights)")
     raise ConfigError(f"{flag} {path}: neither a training run directory (config.yaml and checkpoints/) nor a "
                       "Hugging Face Llama directory (config.json and *.safetensors) nor a llama2.c .bin file")
-
-
-def write_config_yaml(config: RunConfig, run_dir: str | Path) -> None:
-    """config.yaml, replaced atomically (a kill mid-write never leaves half a config)."""
-    path = Path(run_dir) / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    dump_yaml(config, tmp)
-    os.replace(tmp, path)

@@ -347,4 +347,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 
 def dump_yaml(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Writes the resolved config, replacing the file atomically (a kill mid-write never leaves half of one)."""
+    from llama_jax.cli import write_atomic
+
+    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

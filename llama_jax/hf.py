@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -170,7 +169,9 @@ def load_hf_checkpoint(path, dtype=jnp.float32):
             raise CheckpointError(f"{file.name}: tensor {name} has shape {tensor.shape}, expected {shape}")
         return tensor
 
-    expected = jax.eval_shape(lambda: _param_shapes(config))
+    from llama_jax.model import param_shapes
+
+    expected = param_shapes(config)
     params = {"layers": {}}
     for ours, (name, transpose) in _TOP_NAMES.items():
         if ours == "lm_head" and config.tie_embeddings:
@@ -184,12 +185,6 @@ def load_hf_checkpoint(path, dtype=jnp.float32):
         params["layers"][ours] = jnp.asarray(stacked)
         del stacked
     return config, params
-
-
-def _param_shapes(config):
-    from llama_jax.model import init_params
-
-    return init_params(config, jax.random.key(0))
 
 
 def hf_state_dict(config: ModelConfig, params) -> dict[str, np.ndarray]:

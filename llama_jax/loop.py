@@ -5,15 +5,13 @@
     -> write config.yaml -> train_loop -> finish
 
 Nothing is written to the run directory until every check has passed; config.yaml only once the data is ready.
+Signals, the run directory's lock and several processes are runtime.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,9 +21,11 @@ import numpy as np
 
 from llama_jax import checkpoint, cli, data, model, sharding
 from llama_jax import train as T
-from llama_jax.config import ConfigError, RunConfig, add_config_flags, load_run_config, overrides_from_args
+from llama_jax.config import ConfigError, RunConfig, add_config_flags, dump_yaml, load_run_config, overrides_from_args
 from llama_jax.hf import CheckpointError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
+from llama_jax.runtime import Interrupted, RunLock, Signals, on_process_zero, start_distributed, stop_requested
+from llama_jax.shakespeare import default_corpus
 from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
 
@@ -33,14 +33,7 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm: the run stops before the update reaches a checkpoint."""
 
 
-class Interrupted(RuntimeError):
-    """A stop signal during start-up, before there is anything to save; exits 128 + the signal's number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
+SOURCE_RECORD = "tokenizer.source.json"  # in the run directory: what its own tokenizer was trained on
 ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, checkpoint.SaveError,
           CheckpointError, TrainingDiverged)
 
@@ -93,7 +86,7 @@ def main(argv=None) -> int:
     try:
         args, overrides = parse_args(argv)
         if args.coordinator:
-            _start_distributed(args)
+            start_distributed(args)
         run(args.config, overrides, args.run_dir, args.resume, signals)
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
         return e.code if isinstance(e.code, int) else cli.USER_ERROR
@@ -105,74 +98,6 @@ def main(argv=None) -> int:
     finally:
         signals.restore()
     return 0
-
-
-def _start_distributed(args) -> None:
-    try:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                   initialization_timeout=args.distributed_timeout,
-                                   heartbeat_timeout_seconds=args.heartbeat_timeout,
-                                   shutdown_timeout_seconds=args.distributed_timeout)
-    except Exception as e:  # bad address, coordinator unreachable, timeout: one line, not the C++ status dump
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"--coordinator {args.coordinator}: could not connect the {args.num_processes} processes "
-                          f"({first})") from None
-
-
-class Signals:
-    """SIGINT/SIGTERM. During start-up: stop at once with one line (nothing to save yet). During training: set a
-    flag; the loop finishes its step, saves and exits 0. Further signals while that save runs are reported and
-    ignored, so the stop checkpoint is never lost to an impatient second Ctrl-C (SIGKILL still stops at once;
-    the previous checkpoint then stays the one to resume from)."""
-
-    def __init__(self):
-        self.signal = None
-        self.training = False
-        self._old = {}
-        try:
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if not self.training:
-            raise Interrupted(f"stopped by {name} during start-up, before the first step; nothing was saved", signum)
-        if self.signal is None:
-            self.signal = name
-            print(f"\n{name}: finishing this step, then saving a checkpoint and stopping", file=sys.stderr)
-        else:
-            print(f"\n{name} again: still stopping; waiting for the checkpoint to be written", file=sys.stderr)
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
-
-
-class RunLock:
-    """One writer per run directory: an exclusive flock on RUN_DIR/train.lock, released by the kernel on any exit
-    (a crash or SIGKILL included, so a lock is never stale)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "train.lock"
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            pid = self.file.read().strip() or "?"
-            self.file.close()
-            raise ConfigError(f"{run_dir} is in use by another train.py (pid {pid}); wait for it to finish or "
-                              "choose another --run-dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-
-    def release(self):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,12 +218,12 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path |
     if source is not None:
         tok = load_tokenizer(source)  # fails with one line if it is neither kind of tokenizer
         _keep_copy(tok, run_dir)
-        _source_record(run_dir).unlink(missing_ok=True)
+        run_dir / SOURCE_RECORD.unlink(missing_ok=True)
         return _check_vocab(tok, config)
     record = {"corpus": data.corpus_fingerprint(corpus, config.data.text_field, config.data.separator),
               "vocab_size": config.model.vocab_size, "type": config.data.tokenizer_type, "format": config.data.format}
     if target.is_file():
-        if _read_json(_source_record(run_dir)) == record:
+        if _read_json(run_dir / SOURCE_RECORD) == record:
             return _check_vocab(Tokenizer(target), config)
         print(f"note: {target} was left by an earlier attempt with other data or settings; training a new one",
               file=sys.stderr)
@@ -313,7 +238,7 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path |
                                                    config.data.utf8_errors))
     tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
     _keep_copy(tok, run_dir)
-    _write_atomic(_source_record(run_dir), json.dumps(record).encode())
+    cli.write_atomic(run_dir / SOURCE_RECORD, json.dumps(record).encode())
     return _check_vocab(tok, config)
 
 
@@ -327,13 +252,9 @@ def _keep_copy(tok, run_dir: Path) -> None:
         path = run_dir / name
         if name in names:
             if not path.is_file() or path.read_bytes() != tok.files[name]:
-                _write_atomic(path, tok.files[name])
+                cli.write_atomic(path, tok.files[name])
         else:
             path.unlink(missing_ok=True)
-
-
-def _source_record(run_dir: Path) -> Path:
-    return run_dir / "tokenizer.source.json"  # what the run's own tokenizer was trained on
 
 
 def _read_json(path: Path):
@@ -341,15 +262,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_vocab(tok, config: RunConfig):
@@ -376,27 +288,6 @@ def prepare_data(config: RunConfig, run_dir: Path, corpus, tok, progress: bool):
     return data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
 
 
-def on_process_zero(fn):
-    """Runs fn() on process 0 while the other processes wait; they then run it too (so each gets its own handles
-    to what process 0 wrote). A failure on process 0 stops every process with one line."""
-    if jax.process_count() == 1:
-        return fn()
-    from jax.experimental import multihost_utils
-
-    error = None
-    if jax.process_index() == 0:
-        try:
-            result = fn()
-        except ERRORS as e:
-            error = e
-    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-    if error is not None:
-        raise error
-    if not ok:
-        raise ConfigError("process 0 could not prepare the run (its output says why)")
-    return result if jax.process_index() == 0 else fn()
-
-
 def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | None = None) -> dict:
     """Trains per the config; returns {"val_loss", "checkpoint", "step", "compile_s"}."""
     run_dir = Path(run_dir or Path("runs") / (Path(config_path).stem if config_path else "default"))
@@ -410,11 +301,11 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
     lock = RunLock(run_dir) if is_main else None
     try:
         config, state, state_shard, step0, loader_state, meta, init_dir = initial_state(config, run_dir, mesh, resume)
-        corpus = config.data.path or data.default_corpus()
+        corpus = config.data.path or default_corpus()
         tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, init_dir, meta))
         splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=is_main))
         if is_main:
-            checkpoint.write_config_yaml(config, run_dir)  # every check has passed
+            dump_yaml(config, run_dir / "config.yaml")  # every check has passed
             if meta is not None:
                 print(f"resumed from {run_dir / 'checkpoints' / str(step0)}", file=sys.stderr)
                 truncate_after(run_dir / "metrics.jsonl", step0)
@@ -496,7 +387,7 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0
                 mfu = rate / (tc.batch_size * tc.seq_len) * flops_per_step / (peak * jax.device_count())
                 pending = (step, metrics, {"tok_per_s": rate, "mfu": mfu})
                 t_mark, tokens_mark = time.perf_counter(), step
-            stop = _stop_requested(signals)
+            stop = stop_requested(signals)
             if step % tc.eval_every == 0 or step == tc.steps:
                 _log(*pending, writer, bar, tc)
                 pending = None
@@ -533,19 +424,6 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0
         print(f"validation loss {val_loss:.4f} (perplexity {np.exp(min(val_loss, 50)):.2f}) at step {step}")
     print(f"checkpoint: {path}")
     return {"val_loss": val_loss, "checkpoint": str(path), "step": step, "compile_s": compile_s}
-
-
-def _stop_requested(signals: Signals) -> str | None:
-    """The signal that stops the run, if any. With several processes they agree on it every step (a signal may
-    reach them at different times), so all of them save the same step and stop together."""
-    if jax.process_count() == 1:
-        return signals.signal
-    from jax.experimental import multihost_utils
-
-    mine = np.int32(0 if signals.signal is None else 1)
-    if not np.any(multihost_utils.process_allgather(mine)):
-        return None
-    return signals.signal or "a signal to another process"
 
 
 def _log(step, metrics, rates, writer, bar, tc):

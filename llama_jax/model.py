@@ -264,40 +264,27 @@ def _check_tokens(tokens, positions, segment_ids):
 
 
 def check_token_ids(tokens, vocab_size: int) -> None:
-    """Refuses non-integer tokens and ids outside [0, vocab_size) (an embedding lookup would clamp them silently).
-    Values are only known outside jit: traced tokens are checked for their dtype alone."""
+    """Refuses non-integer tokens, and ids outside [0, vocab_size) that a lookup would clamp (outside jit only)."""
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
-    if isinstance(tokens, jax.core.Tracer) or not tokens.size:
-        return
-    values = np.asarray(tokens)
-    bad = values[(values < 0) | (values >= vocab_size)]
-    if bad.size:
+    values = None if isinstance(tokens, jax.core.Tracer) else np.asarray(tokens)
+    bad = values[(values < 0) | (values >= vocab_size)] if values is not None else []
+    if len(bad):
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
 
 
-@functools.lru_cache
-def _expected_params(config: ModelConfig):
-    return {jax.tree_util.keystr(path): leaf.shape for path, leaf in
-            jax.tree_util.tree_flatten_with_path(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))[0]}
-
-
 def check_params(params, config: ModelConfig) -> None:
-    """Raises ValueError naming the first leaf of `params` (the training layout) that is missing, unexpected or of
-    another shape than `config` implies: parameters and config that do not belong together fail here in one line,
-    not as a reshape error deep inside a jitted function."""
-    if not isinstance(params, dict) or isinstance(params.get("layers"), list):
-        if isinstance(params, dict):
-            return  # the decode layout (unstack_layers), made from checked parameters
+    """Names the first leaf of `params` (training layout) missing, extra or shaped other than `config` implies: one
+    line here instead of a reshape error deep inside jit."""
+    if not isinstance(params, dict):
         raise ValueError(f"params must be the parameter dict of init_params, got {type(params).__name__}")
-    expected = _expected_params(config)
-    got = {jax.tree_util.keystr(p): getattr(x, "shape", None) for p, x in
-           jax.tree_util.tree_flatten_with_path(params)[0]}
+    if isinstance(params.get("layers"), list):
+        return
+    got, expected = _shapes(params), _shapes(param_shapes(config))
     for name, shape in expected.items():
-        if name not in got:
-            raise ValueError(f"params{name} is missing (the config expects shape {shape})")
-        if tuple(got[name] or ()) != tuple(shape):
-            raise ValueError(f"params{name} has shape {got[name]}, but the config expects {shape}")
+        if tuple(got.get(name) or ()) != tuple(shape):
+            state = "is missing" if name not in got else f"has shape {got[name]}"
+            raise ValueError(f"params{name} {state}, but the config expects {shape}")
     extra = sorted(set(got) - set(expected))
     if extra:
         raise ValueError(f"params{extra[0]} is not a parameter of this config"
@@ -337,8 +324,7 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
 
 def _split_layers(layers, n: int) -> list:
     """Stacked [L, ...] layer weights as a list of L per-layer pytrees. Split rather than indexed one layer at a
-    time: the gradient of one split is one concatenate, while that of L index slices is L zero-padded copies summed,
-    which took about 5% of a stories110M bfloat16 training step on XLA:CPU (docs/benchmarks.md)."""
+    time: the gradient of one split is one concatenate, of L index slices L zero-padded copies summed (slower)."""
     leaves, treedef = jax.tree.flatten(layers)
     parts = [jnp.split(w, n) for w in leaves]
     return [treedef.unflatten([p[i][0] for p in parts]) for i in range(n)]
@@ -352,12 +338,10 @@ def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_i
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):
     """An empty KV cache {"k": [...], "v": [...]}: one [B*K, max_len, H] array per layer (entry b*K + k is KV head
-    k of row b), in the compute dtype. Why this layout (measured, docs/benchmarks.md):
-    - per-layer arrays (not one stacked [L, ...] array) let a decode step update each layer's slab in place;
-    - heads-major (S before H) lets attention read it without transposing (copying) the whole cache every step;
-    - rows and heads on one axis: attention's batched matmuls take it as it is. A [B, K, S, H] cache has to be
-      reshaped for them, and inside the decode loop XLA:CPU then duplicated the in-place update and copied every
-      layer's cache 2-4 times per step (stories110M, batch 1, 1024 slots: 37 -> 22 ms per step without them)."""
+    k of row b), in the compute dtype. Per-layer arrays let a decode step update each layer's slab in place;
+    heads-major (S before H) lets attention read it without a transposed copy; rows and heads on one axis is what
+    attention's batched matmuls take as it is (a [B, K, S, H] cache made XLA:CPU copy every layer's cache several
+    times per step; docs/benchmarks.md has the measurements)."""
     shape = (batch * config.n_kv_heads, max_len, config.head_dim)
     zeros = lambda: [jnp.zeros(shape, config.dtype) for _ in range(config.n_layers)]
     return {"k": zeros(), "v": zeros()}
@@ -402,14 +386,11 @@ _MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 def unstack_layers(params, dtype=None):
     """The decode layout of the parameters (a copy; pass it to hidden_cached / forward_cached / logits like the
-    training layout). Measured on XLA:CPU, see docs/benchmarks.md:
-    - "layers" becomes a list of per-layer dicts: XLA:CPU copies a slice of a stacked weight before each matmul,
-      which for one-token steps cost more than the matmuls (stories110M: 100 vs 14 ms per step);
-    - the layers' matrices are stored [out, in]: one-row decode steps ran 6-15% faster over that layout (8-row
-      ones: stories110M within noise, stories15M ~30% slower); the LM head stays [D, V] (a contiguous copy for
-      tied embeddings), 5-10% faster at batch 1 than contracting the [V, D] embedding itself;
-    - with `dtype`, the layers, embedding and head are cast once here rather than inside every step (the final
-      norm stays as it is, as in `forward`)."""
+    training layout), each choice measured faster on XLA:CPU (docs/benchmarks.md): "layers" becomes a list of
+    per-layer dicts (XLA:CPU copies a slice of a stacked weight before each matmul); their matrices are stored
+    [out, in] (one-row steps run faster over it); the LM head stays [D, V] (a contiguous copy for tied
+    embeddings); with `dtype`, the weights are cast once here rather than in every step (the final norm stays as
+    it is, as in `forward`)."""
     if isinstance(params["layers"], list):
         return params  # already in the decode layout
     n = jax.tree.leaves(params["layers"])[0].shape[0]
@@ -452,14 +433,23 @@ def init_params(config: ModelConfig, key):
 
 
 @functools.lru_cache
+def param_shapes(config: ModelConfig):
+    """The parameter pytree's ShapeDtypeStructs (nothing allocated)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def _shapes(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): getattr(x, "shape", None) for p, x in leaves}
+
+
 def param_count(config: ModelConfig) -> int:
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(param_shapes(config)))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 per matmul weight (the embedding lookup is not a matmul,
-    the LM head is) plus causal-free attention 12 * L * T * D, as in the PaLM paper's MFU appendix."""
+    the LM head is) plus causal-free attention 12 * L * T * N * H, as in the PaLM paper's MFU appendix."""
     matmul_params = param_count(config) - config.vocab_size * config.dim * (0 if config.tie_embeddings else 1)
     matmul_params -= config.n_layers * 2 * config.dim + config.dim  # norms
     return 6.0 * matmul_params + 12.0 * config.n_layers * seq_len * config.n_heads * config.head_dim

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llama_jax import generate_cli, hf, loop, tokenizer
-from llama_jax.loop import RunLock
+from llama_jax.runtime import RunLock
 
 WORDS = "the king queen castle sword crown night day love war peace river stone fire".split()
 TINY = ["--model.vocab_size=320", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=4",
