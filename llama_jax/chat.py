@@ -1,6 +1,7 @@
-"""The chat template, shared by `generate.py --chat` and supervised fine-tuning (data.format=chat).
+"""Chat templates, shared by `generate.py --chat` and supervised fine-tuning (data.format=chat): a checkpoint's own
+Jinja template (rendered as transformers renders it), or the project's for runs trained here.
 
-A conversation is text with turn markers (single tokens in tokenizers this project trains):
+In the project's template a conversation is text with turn markers (single tokens in tokenizers it trains):
 
     <|system|>You are terse.<|end|>
     <|user|>Hi!<|end|>
@@ -32,10 +33,6 @@ END = "<|end|>"
 # The project's template, in the Jinja form Hugging Face checkpoints ship theirs in: one renderer for both.
 PROJECT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
                     "<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def turn_text(role: str, content: str) -> str:
-    return render_template(PROJECT_TEMPLATE, [{"role": role, "content": content}])
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
