@@ -218,7 +218,7 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path |
     if source is not None:
         tok = load_tokenizer(source)  # fails with one line if it is neither kind of tokenizer
         _keep_copy(tok, run_dir)
-        run_dir / SOURCE_RECORD.unlink(missing_ok=True)
+        (run_dir / SOURCE_RECORD).unlink(missing_ok=True)
         return _check_vocab(tok, config)
     record = {"corpus": data.corpus_fingerprint(corpus, config.data.text_field, config.data.separator),
               "vocab_size": config.model.vocab_size, "type": config.data.tokenizer_type, "format": config.data.format}
