@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from llama_jax import train as T
@@ -153,9 +153,16 @@ class _NonFinite(ValueError):
     pass
 
 
+@jax.jit
+def _all_finite(params):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _finite(params) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(jax.device_get(x))))) for x in jax.tree.leaves(params)
-               if jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
+    """Reduced where the arrays live: no host copy of the parameters, and a scalar every process can read even when
+    the arrays are sharded over hosts (a host copy of those would fail, and be taken for damage)."""
+    return bool(_all_finite(params))
 
 
 def _listing(steps) -> str:
