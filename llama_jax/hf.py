@@ -9,6 +9,7 @@ finished arrays plus a single kind's buffer, never the checkpoint twice.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -239,6 +240,7 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
     hf_config = config_to_hf(config)
     if tokenizer is not None:
         from llama_jax.tokenizer import HFTokenizer, load_tokenizer
+        from llama_jax.tokenizer_json import ConversionError, sentencepiece_to_json
 
         tok = tokenizer if hasattr(tokenizer, "model_bytes") else load_tokenizer(tokenizer)
         tok.save(out)
@@ -246,6 +248,10 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
         if not isinstance(tok, HFTokenizer):  # a tokenizers checkpoint brings its own tokenizer_config.json
             (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok, config, chat_template),
                                                                   indent=2))
+            try:  # the same ids for tools that read only tokenizer.json
+                (out / "tokenizer.json").write_text(sentencepiece_to_json(tok.model_bytes), encoding="utf-8")
+            except ConversionError as e:
+                print(f"note: no tokenizer.json written: {e}", file=sys.stderr)
         eos = list(dict.fromkeys([tok.eos_id, *stop_tokens]))
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tok.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}, indent=2))

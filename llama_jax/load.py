@@ -34,16 +34,18 @@ class Checkpoint:
     source: str  # "run directory runs/tiny, step 200", "Hugging Face directory ...", "llama2.c file ..."
 
 
-def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None,
+                    flags: tuple[str, str] = ("--checkpoint", "--tokenizer")) -> Checkpoint:
     """Reads a training run directory (step: which checkpoint; default the newest usable one), a Hugging Face
     directory or a llama2.c `.bin` file. `tokenizer` (a tokenizer.model, a tokenizer.json or a directory) replaces
-    the checkpoint's own; a llama2.c file, which has none, finds tokenizer.model beside it. One-line errors."""
+    the checkpoint's own; a llama2.c file, which has none, finds tokenizer.model beside it. One-line errors, which
+    name the path and the tokenizer by `flags` (the caller's names for them)."""
     path = Path(path)
-    kind = checkpoint_kind(path)
+    kind = checkpoint_kind(path, flags[0])
     if step is not None and kind != "run":
         raise ConfigError(f"--step {step}: {path} is not a training run directory, so it has no steps")
     if tokenizer is not None and not Path(tokenizer).exists():
-        raise ConfigError(f"--tokenizer {tokenizer}: no such file or directory")
+        raise ConfigError(f"{flags[1]} {tokenizer}: no such file or directory")
     generation = {}
     if kind == "run":
         config, params, meta = load_run_params(path, step)
@@ -52,11 +54,11 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
         source = f"run directory {path}, step {meta['step']}"
     elif kind == "llama2c":
         config, params = load_llama2c(path)
-        tok = load_tokenizer(tokenizer or _beside(path.parent, path))
+        tok = load_tokenizer(tokenizer or _beside(path.parent, path, flags[1]))
         template, source = None, f"llama2.c file {path}"
     else:
         config, params = load_hf_checkpoint(path)
-        tok = load_tokenizer(tokenizer or _beside(path, path))
+        tok = load_tokenizer(tokenizer or _beside(path, path, flags[1]))
         template = getattr(tok, "chat_template", None)
         if template is None and tok.token_id(chat.END) is not None:
             template = chat.PROJECT_TEMPLATE  # exported from a run trained here (before templates were exported)
@@ -72,11 +74,11 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
     return Checkpoint(config, params, tok, template, stops, source)
 
 
-def _beside(directory: Path, checkpoint: Path) -> Path:
+def _beside(directory: Path, checkpoint: Path, flag: str) -> Path:
     if (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file():
         return directory
     raise TokenizerError(f"{checkpoint}: no tokenizer.json or tokenizer.model beside the checkpoint (name one "
-                         "with --tokenizer)")
+                         f"with {flag})")
 
 
 def _generation_config(path: Path) -> dict:

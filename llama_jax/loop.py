@@ -23,6 +23,7 @@ from llama_jax import checkpoint, cli, data, model, sharding
 from llama_jax import train as T
 from llama_jax.config import ConfigError, RunConfig, add_config_flags, dump_yaml, load_run_config, overrides_from_args
 from llama_jax.hf import CheckpointError
+from llama_jax.llama2c import Llama2cError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
 from llama_jax.runtime import Interrupted, RunLock, Signals, on_process_zero, start_distributed, stop_requested
 from llama_jax.shakespeare import default_corpus
@@ -35,7 +36,7 @@ class TrainingDiverged(RuntimeError):
 
 SOURCE_RECORD = "tokenizer.source.json"  # in the run directory: what its own tokenizer was trained on
 ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, checkpoint.SaveError,
-          CheckpointError, TrainingDiverged)
+          CheckpointError, Llama2cError, TrainingDiverged)
 
 
 def parse_args(argv=None):
@@ -46,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML preset with model/data/train sections (configs/*.yaml)")
     p.add_argument("--run-dir", help="directory for checkpoints, metrics and the tokenizer (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
-    p.add_argument("--init-from", help="start from these weights: a run directory or a Hugging Face Llama directory "
-                                       "(same as --train.init_from)")
+    p.add_argument("--init-from", help="start from these weights: a run directory, a Hugging Face Llama directory "
+                                       "or a llama2.c .bin file (same as --train.init_from)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4,tensor=1 (same as --train.mesh)")
     p.add_argument("--coordinator", help="multi-host: address:port of process 0 (calls jax.distributed.initialize)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -134,12 +135,12 @@ def check_run(config: RunConfig, run_dir: Path, resume: bool):
 
 
 def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool):
-    """(config, state, step, loader state, restored meta or None, init_from directory or None). Resuming restores
+    """(config, state, step, loader state, restored meta or None, init_from's tokenizer or None). Resuming restores
     the newest usable checkpoint onto the mesh; otherwise parameters are initialised or taken from
     train.init_from (whose model config then replaces ours, execution switches aside)."""
-    init_dir, init_params = None, None
+    init_tok, init_params = None, None
     if config.train.init_from and not resume:
-        init_dir, model_config, init_params = _init_weights(config)
+        init_tok, model_config, init_params = _init_weights(config)
         config = dataclasses.replace(config, model=model_config)
     mc, tc = config.model, config.train
     abstract = jax.eval_shape(lambda: T.init_state(mc, tc, jax.random.key(tc.seed)))
@@ -160,24 +161,18 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool):
         return config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta, None
     init = jax.jit(lambda key, p: T.init_state(mc, tc, key, p), out_shardings=state_shard)
     state = init(jax.random.key(tc.seed), init_params)
-    return config, state, state_shard, 0, data.LoaderState(seed=tc.seed), None, init_dir
+    return config, state, state_shard, 0, data.LoaderState(seed=tc.seed), None, init_tok
 
 
 def _init_weights(config: RunConfig):
-    """(source directory, model config, params) from train.init_from: a run directory or a Hugging Face one."""
-    from llama_jax.hf import load_hf_checkpoint
+    """(tokenizer, model config, params) of train.init_from: a run directory, a Hugging Face directory or a
+    llama2.c file (its tokenizer: data.tokenizer, or the one beside it)."""
+    from llama_jax.load import load_checkpoint
 
-    src = Path(config.train.init_from)
-    kind = checkpoint.checkpoint_kind(src, "train.init_from")
-    if kind == "run":
-        model_config, params, _ = checkpoint.load_run_params(src)
-    elif kind == "llama2c":
-        raise ConfigError(f"train.init_from={src}: a llama2.c file has no tokenizer of its own; import it first "
-                          "(python -m llama_jax.hf import --checkpoint FILE.bin --tokenizer TOKENIZER --out RUN_DIR)")
-    else:
-        model_config, params = load_hf_checkpoint(src)
+    ckpt = load_checkpoint(config.train.init_from, tokenizer=config.data.tokenizer or None,
+                           flags=("train.init_from", "data.tokenizer"))
     keep = {f: getattr(config.model, f) for f in ("dtype", "attention_impl", "remat", "scan_layers")}
-    return src, model_config.replace(**keep), params
+    return ckpt.tokenizer, ckpt.config.replace(**keep), ckpt.params
 
 
 def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
@@ -200,7 +195,7 @@ def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
                                      f"{', '.join(changed)}")
 
 
-def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path | None, meta: dict | None):
+def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_tok, meta: dict | None):
     """The run's tokenizer, kept in the run directory (tokenizer.model, or tokenizer.json with its config and chat
     template). Resuming: the checkpoint's own. Else the one given (data.tokenizer: a tokenizer.model, a
     tokenizer.json or a Hugging Face directory; or the init_from checkpoint's), copied in; else one trained on the
@@ -214,9 +209,9 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_dir: Path |
                               f"{run_dir} was trained with")
         _keep_copy(saved, run_dir)
         return _check_vocab(saved, config)
-    source = config.data.tokenizer or init_dir
-    if source is not None:
-        tok = load_tokenizer(source)  # fails with one line if it is neither kind of tokenizer
+    if config.data.tokenizer or init_tok is not None:
+        # init_from's checkpoint already loaded its tokenizer (data.tokenizer, if given, replaced it)
+        tok = init_tok or load_tokenizer(config.data.tokenizer)  # one line if it is neither kind of tokenizer
         _keep_copy(tok, run_dir)
         (run_dir / SOURCE_RECORD).unlink(missing_ok=True)
         return _check_vocab(tok, config)
@@ -300,9 +295,10 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir) if is_main else None
     try:
-        config, state, state_shard, step0, loader_state, meta, init_dir = initial_state(config, run_dir, mesh, resume)
+        config, state, state_shard, step0, loader_state, meta, init_tok = initial_state(config, run_dir, mesh,
+                                                                                        resume)
         corpus = config.data.path or default_corpus()
-        tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, init_dir, meta))
+        tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, init_tok, meta))
         splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=is_main))
         if is_main:
             dump_yaml(config, run_dir / "config.yaml")  # every check has passed

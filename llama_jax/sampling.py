@@ -86,3 +86,43 @@ def check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty=Non
         raise ValueError(f"min_p={min_p} must be in [0, 1)")
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")
+
+
+def filtered_logits_rows(logits_BV, temperature_B, top_k_B, top_p_B, min_p_B, seen_BV=None, penalty_B=None):
+    """`filtered_logits` with settings per row (arrays, so rows with different settings share one compiled step):
+    top_k 0 means off, top_p 1 off, min_p 0 off, penalty 1 off; a row with temperature 0 is filtered as at
+    temperature 1 (its draw is the argmax anyway). The same chain and tie handling as the scalar filters."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if penalty_B is not None:
+        penalised = apply_repetition_penalty(logits_BV, seen_BV, penalty_B[:, None])
+        logits_BV = jnp.where((penalty_B != 1.0)[:, None], penalised, logits_BV)
+    logits_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    V = logits_BV.shape[-1]
+
+    def top_k_and_p(l_BV):
+        sorted_BV = -jnp.sort(-l_BV, axis=-1)
+        rank_V = jnp.arange(V)
+        sorted_BV = jnp.where((top_k_B[:, None] <= 0) | (rank_V[None, :] < top_k_B[:, None]), sorted_BV, NEG_INF)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p_B[:, None]) & (sorted_BV > NEG_INF)
+        keep_BV = keep_BV.at[:, 0].set(True)  # the most likely token always survives
+        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(l_BV >= threshold_B1, l_BV, NEG_INF)
+
+    # The sort is the expensive part: skipped when no row asks for top-k or top-p.
+    needed = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
+    logits_BV = jax.lax.cond(needed, top_k_and_p, lambda l: l, logits_BV)
+    cutoff_B1 = jnp.max(logits_BV, axis=-1, keepdims=True) + jnp.log(jnp.maximum(min_p_B, 1e-30))[:, None]
+    return jnp.where((min_p_B[:, None] <= 0) | (logits_BV >= cutoff_B1), logits_BV, NEG_INF)
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, min_p_B, seen_BV=None, penalty_B=None):
+    """int32 [B] next tokens with per-row settings and a key per row (so a row's draw does not depend on the
+    other rows); temperature 0 rows take the argmax (after their repetition penalty). Also returns the filtered
+    logits the draws came from."""
+    filtered_BV = filtered_logits_rows(logits_BV, temperature_B, top_k_B, top_p_B, min_p_B, seen_BV, penalty_B)
+    drawn_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_B, filtered_BV)
+    penalised = logits_BV if penalty_B is None else jnp.where(
+        (penalty_B != 1.0)[:, None], apply_repetition_penalty(logits_BV, seen_BV, penalty_B[:, None]), logits_BV)
+    greedy_B = jnp.argmax(penalised, axis=-1)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B).astype(jnp.int32), filtered_BV

@@ -182,7 +182,7 @@ def test_export_behaves_like_the_project_in_auto_tokenizer_and_llama(tmp_path):
     import transformers
 
     from llama_jax import chat, checkpoint, hf
-    from llama_jax.tokenizer import train_tokenizer
+    from llama_jax.tokenizer import HFTokenizer, load_tokenizer, train_tokenizer
 
     text = "The king rode to the castle at night, and the queen waited.  Two  spaces\n\tand a tab. 世界 🦊\n"
     tok = train_tokenizer([text * 20], 300, tmp_path / "tok" / "tokenizer.model")
@@ -191,8 +191,10 @@ def test_export_behaves_like_the_project_in_auto_tokenizer_and_llama(tmp_path):
     assert hf.main(["import", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
     assert hf.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    as_json = load_tokenizer(tmp_path / "out")  # tokenizer.json, as tools that read only that file see it
+    assert isinstance(as_json, HFTokenizer)
     for t in (text, " leading space", "x<|user|>y<|end|>", "世界上最高的山峰是哪座?"):
-        assert auto(t)["input_ids"] == tok.encode(t, bos=True), t
+        assert auto(t)["input_ids"] == tok.encode(t, bos=True) == as_json.encode(t, bos=True), t
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
     rendered = auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -98,6 +98,31 @@ def test_streamed_text_equals_the_full_decode_at_every_prefix(toks):
         assert shown == text
 
 
+def test_a_llama2_style_conversion_encodes_as_auto_tokenizer(tmp_path):
+    """tokenizer.json as transformers converts a Llama-2-style SentencePiece model (Metaspace with a prepended
+    "▁", byte fallback, <s> added by the post-processor), saved with save_pretrained: the same ids and text."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(TEXTS * 20), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, add_dummy_prefix=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "legacy": True}))
+    transformers.AutoTokenizer.from_pretrained(tmp_path).save_pretrained(tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = load_tokenizer(tmp_path / "hf")
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id) == (auto.bos_token_id, auto.eos_token_id)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok.encode(text, bos=True) == auto(text)["input_ids"] and ids == ids_of(
+            auto(text, add_special_tokens=False)), text
+        assert tok.decode(ids) == auto.decode(ids) == text
+        stream = TextStream(tok)
+        assert "".join(stream.add(t) for t in ids) + stream.flush() == text
+
+
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_templates_render_as_apply_chat_template(toks, add_generation_prompt):
     style, _, auto, tok = toks

@@ -4,6 +4,7 @@ in both published layouts against transformers."""
 import struct
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,3 +125,15 @@ def test_generate_py_and_import_read_a_llama2c_file(tmp_path, capsys):
     capsys.readouterr()
     assert generate_cli.main(["--checkpoint", str(tmp_path / "run"), *argv]) == 0
     assert capsys.readouterr().out.rstrip("\n") == expected
+    # --init-from takes it too, its tokenizer named by --data.tokenizer (or found beside the file).
+    from llama_jax import loop
+    from llama_jax.config import load_run_config
+
+    init = ["train.init_from=" + str(tmp_path / "stories.bin")]
+    assert loop.main(["--run-dir", str(tmp_path / "ft"), "--init-from", str(tmp_path / "stories.bin")]) == 2
+    assert "(name one with data.tokenizer)" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "config.yaml").exists()
+    run_config = load_run_config(None, [*init, "data.tokenizer=" + str(tmp_path / "tok" / "tokenizer.model")])
+    init_tok, init_config, init_params = loop._init_weights(run_config)
+    assert init_tok.files == tok.files and init_config.replace(dtype=config.dtype) == config
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init_params), jax.tree.leaves(params)))

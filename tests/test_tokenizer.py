@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from llama_jax.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from llama_jax.tokenizer_json import ConversionError, sentencepiece_to_json
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20 + "\n"
           "今天天气真好，我们去公园散步吧。\n" "Emoji: 😀🎉🚀 and numbers 12345 67890.\n"
@@ -44,6 +45,8 @@ def test_unigram_and_loading_existing_model(tok, tmp_path):
     words = " ".join("".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(3 + i % 5)) for i in range(3000))
     uni = train_tokenizer([CORPUS, words], 400, tmp_path / "u.model", model_type="unigram")
     assert uni.decode(uni.encode(TEXTS[3])) == TEXTS[3]
+    with pytest.raises(ConversionError, match="only SentencePiece BPE"):  # the export then writes no tokenizer.json
+        sentencepiece_to_json(uni.model_bytes)
     again = Tokenizer(tok.model_file)
     assert again.checksum == tok.checksum and again.encode(TEXTS[0]) == tok.encode(TEXTS[0])
 
@@ -70,3 +73,26 @@ def test_command_line_trains_a_model(tmp_path):
                           "--vocab-size", "380", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file "
                                                                        "or directory"]
+
+
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+def test_tokenizer_json_encodes_and_decodes_as_the_sentencepiece_model(tok, tmp_path, dummy_prefix):
+    """The export's tokenizer.json: the same ids as SentencePiece on every text (whitespace runs, CJK, emoji in
+    bytes, chat markers), for the models trained here and for a Llama-2-style one that adds a dummy prefix."""
+    import sentencepiece as spm
+
+    from llama_jax.tokenizer import HFTokenizer
+
+    if dummy_prefix:  # as Meta trained Llama 2's: a "▁" before the text, whitespace runs not kept as pieces
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=iter(CORPUS.split("\n")), model_prefix=str(tmp_path / "m"), vocab_size=400,
+            model_type="bpe", byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, minloglevel=2)
+        tok = Tokenizer(tmp_path / "m.model")
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_to_json(tok.model_bytes), encoding="utf-8")
+    as_json = HFTokenizer(tmp_path / "tokenizer.json")
+    texts = TEXTS + [CORPUS[i:i + 97] for i in range(0, len(CORPUS), 331)] + ["<|user|>hi<|end|>\n", "x  y   z"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert as_json.encode(text) == ids and as_json.tk.encode(text).ids == [tok.bos_id, *ids], text
+        assert as_json.decode(ids) == tok.decode(ids), text

@@ -1,0 +1,461 @@
+"""Continuous batching: many generation requests share one compiled decode step. No HTTP here (see server.py).
+
+A fixed pool of `max_batch` slots, one KV-cache row each; every shape is static, so once `warm_up` has compiled
+the step and one prefill per prompt-length bucket, no request triggers a compilation. One thread owns the model:
+between decode steps it prefills waiting requests (from a bounded queue) into free slots while the other slots
+keep their caches, then advances every active slot by one token. A finished or cancelled request frees its slot
+at once.
+
+Sampling settings live in per-slot arrays inside the step (not static arguments), so requests with different
+temperatures, top-p or seeds share the compiled step; each slot draws with its own key (its seed folded with the
+token's index), so a request's tokens do not depend on what else is running. Text is detokenized per request
+(UTF-8 safe) and stop strings are matched on it as it grows, the text cut before them.
+
+    engine = Engine(ckpt.params, ckpt.config, ckpt.tokenizer, stop_tokens=ckpt.stop_tokens, max_batch=16)
+    engine.start()                      # compiles, then serves from its own thread
+    result = engine.generate(Request(prompt=ids, max_tokens=50, temperature=0.0))
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import model, sampling
+from llama_jax.config import ModelConfig
+from llama_jax.score import token_logprobs
+from llama_jax.tokenizer import TextStream
+
+TOP_LOGPROBS = 20  # alternatives computed per token when a request asks for any (OpenAI allows up to 20)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full: try again later (the server answers 429 with Retry-After)."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation. `emit(event)` is called from the engine's thread for every piece of output."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: drawn by the engine
+    stop: tuple[str, ...] = ()  # stop strings, matched on the text
+    logprobs: int | None = None  # None: none; K: the chosen token's log-probability and K alternatives
+    echo: bool = False  # also score the prompt (its tokens' log-probabilities), sent before the first token
+    emit: Callable[[Event], None] = lambda event: None
+    id: str = ""
+
+
+@dataclasses.dataclass
+class Event:
+    """A piece of a request's output. Tokens come with their text (possibly "" while a multi-byte character or a
+    possible stop string is held back); the last event has finish_reason "stop" or "length" (or "cancelled",
+    "error" with `error` set)."""
+
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list | None = None  # echo: [(token, logprob or None, [(id, logprob)...])] per prompt token
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def extend(self, e: Event) -> None:
+        """Appends a later event of the same request (collecting a whole output)."""
+        self.text += e.text
+        self.tokens += e.tokens
+        self.logprobs += e.logprobs
+        self.top_logprobs += e.top_logprobs
+        self.prompt_logprobs = self.prompt_logprobs or e.prompt_logprobs
+        self.finish_reason, self.error = e.finish_reason or self.finish_reason, e.error or self.error
+
+
+@dataclasses.dataclass
+class _Active:
+    request: Request
+    slot: int
+    text: TextStream
+    held: str = ""  # text not yet emitted: it may begin a stop string
+    generated: int = 0
+    cancelled: bool = False
+    started: float = 0.0
+
+
+class Engine:
+    def __init__(self, params, config: ModelConfig, tokenizer, *, stop_tokens=(), max_batch: int = 16,
+                 max_len: int | None = None, queue_size: int = 256, prompt_buckets: tuple[int, ...] | None = None,
+                 log: Callable[[str], None] | None = None):
+        """`max_len`: tokens per slot (prompt + generation), at most the model's context (default). A prompt
+        must leave room for at least one new token."""
+        model.check_params(params, config)
+        self.config, self.tokenizer = config, tokenizer
+        self.max_batch, self.max_len = int(max_batch), int(min(max_len or config.max_seq_len, config.max_seq_len))
+        self.stop_tokens = frozenset(int(t) for t in stop_tokens)
+        self.queue_size = queue_size
+        powers = (2 ** i for i in range(4, 32))
+        self.buckets = prompt_buckets or tuple(sorted({min(n, self.max_len) for n in powers if n // 2 < self.max_len}))
+        self.log = log
+        self.params = model.unstack_layers(params, config.dtype)
+        self.score_params = jax.tree.map(jnp.asarray, params)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[int, _Active] = {}
+        self._cancelled: set[str] = set()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._draining = False
+        self._seeds = itertools.count(int(time.time_ns() % (1 << 31)))
+        self.compilations = 0  # compilations seen since warm_up finished (should stay 0)
+        self.ready = False
+        self.steps = 0
+        self._state = self._empty_state()
+        self._step = jax.jit(functools.partial(_decode_step, config=config), donate_argnums=1)
+        self._prefill = jax.jit(functools.partial(_prefill, config=config), donate_argnums=1)
+
+    # --- public API -------------------------------------------------------------------------------------------
+
+    def start(self, warm_up: bool = True) -> None:
+        """Compiles (unless warm_up=False) and starts the engine's thread."""
+        if warm_up:
+            self.warm_up()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="llama_jax-engine", daemon=True)
+        self._thread.start()
+
+    def warm_up(self) -> None:
+        """Compiles the decode step and every prefill and scoring bucket by running them once on dummy input."""
+        s = self._state
+        for P in self.buckets:
+            s = self._prefill(self.params, s, np.zeros((1, P), np.int32), 1, 0, self._settings(Request([0], 1)),
+                              np.bool_(True))[0]
+            jax.block_until_ready(token_logprobs(self.score_params, np.zeros((1, P), np.int32), self.config,
+                                                 np.ones(1, np.int32), top=TOP_LOGPROBS))
+        s = self._step(self.params, s, np.bool_(False))[0]
+        s = self._step(self.params, s, np.bool_(True))[0]
+        jax.block_until_ready(_deactivate(s, 0)["lengths"])
+        self._state = self._empty_state()
+        self._compiles_at_ready = _compile_count()
+        self.ready = True
+
+    def submit(self, request: Request) -> None:
+        """Queues a request (checked here: ValueError with a one-line message if it cannot run); QueueFull if
+        the queue is full, RuntimeError if the engine is stopping."""
+        self._check(request)
+        with self._lock:
+            if not self._running or self._draining:
+                raise RuntimeError("the engine is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (the queue holds {self.queue_size})")
+            if request.seed is None:
+                request.seed = next(self._seeds) % (1 << 31)
+            self._waiting.append(request)
+            self._lock.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Cancels a waiting or running request (a client that went away): its slot is free for the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._lock.notify()
+
+    def generate(self, request: Request, timeout: float | None = None) -> Event:
+        """Submits a request and waits for it: one Event with all its text, tokens and log-probabilities."""
+        import queue
+
+        events: queue.Queue = queue.Queue()
+        request.emit = events.put
+        self.submit(request)
+        total = Event()
+        while True:
+            e = events.get(timeout=timeout)
+            total.extend(e)
+            if e.finish_reason:
+                return total
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"ready": self.ready, "slots": self.max_batch, "active": len(self._active),
+                    "waiting": len(self._waiting), "steps": self.steps,
+                    "compilations_after_warm_up": self.compilations_after_warm_up()}
+
+    def compilations_after_warm_up(self) -> int:
+        return _compile_count() - self._compiles_at_ready if self.ready else 0
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops taking requests; with drain, lets the running and waiting ones finish, else cancels them."""
+        with self._lock:
+            self._draining = True
+            if not drain:
+                self._cancelled.update(r.id for r in self._waiting)
+                self._cancelled.update(a.request.id for a in self._active.values())
+            self._lock.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None and self._thread.is_alive():
+            with self._lock:
+                if not self._waiting and not self._active:
+                    self._running = False
+                    self._lock.notify()
+            self._thread.join(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        self._running = False
+
+    # --- checks -------------------------------------------------------------------------------------------------
+
+    def _check(self, r: Request) -> None:
+        if not r.prompt:
+            raise ValueError("prompt: empty (it needs at least one token)")
+        bad = [t for t in r.prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        room = self.max_len - len(r.prompt)
+        if room < (1 if r.max_tokens > 0 else 0) or len(r.prompt) > self.max_len:
+            raise ValueError(f"prompt: {len(r.prompt)} tokens leave no room for new ones in the context of "
+                             f"{self.max_len} tokens")
+        if r.max_tokens < 0:
+            raise ValueError(f"max_tokens={r.max_tokens} must be >= 0")
+        if r.max_tokens == 0 and not r.echo:
+            raise ValueError("max_tokens=0 generates nothing; it is only useful with echo")
+        if r.logprobs is not None and not 0 <= r.logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs={r.logprobs} must be in [0, {TOP_LOGPROBS}]")
+        sampling.check_sampling_args(r.temperature, r.top_k or None, r.top_p, r.min_p, r.repetition_penalty)
+
+    # --- the engine's thread ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._waiting and not self._active and not self._cancelled:
+                    self._lock.wait()
+                if not self._running:
+                    break
+                cancelled, self._cancelled = self._cancelled, set()
+                waiting = []
+                while self._waiting and len(waiting) + len(self._active) < self.max_batch:
+                    waiting.append(self._waiting.popleft())
+                kept = collections.deque(r for r in self._waiting if r.id not in cancelled)
+                dropped = [r for r in self._waiting if r.id in cancelled]
+                self._waiting = kept
+            for r in dropped:
+                r.emit(Event(finish_reason="cancelled"))
+            for a in list(self._active.values()):
+                if a.request.id in cancelled:
+                    self._finish(a, "cancelled")
+            for r in waiting:
+                if r.id in cancelled:
+                    r.emit(Event(finish_reason="cancelled"))
+                    continue
+                try:
+                    self._admit(r)
+                except Exception as e:  # a bug must not stop the engine for everyone else
+                    r.emit(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+            if self._active:
+                try:
+                    self._decode()
+                except Exception as e:
+                    for a in list(self._active.values()):
+                        self._finish(a, "error", error=f"{type(e).__name__}: {e}")
+                    self._state = self._empty_state()
+
+    def _admit(self, r: Request) -> None:
+        prompt_lp = self._score_prompt(r.prompt, r.logprobs or 0) if r.echo else None
+        if r.max_tokens == 0:
+            r.emit(Event(prompt_logprobs=prompt_lp, finish_reason="length"))
+            self._log(r, 0, time.monotonic())
+            return
+        slot = next(s for s in range(self.max_batch) if s not in self._active)
+        P = next(b for b in self.buckets if b >= len(r.prompt))
+        tokens = np.zeros((1, P), np.int32)
+        tokens[0, :len(r.prompt)] = r.prompt
+        a = _Active(r, slot, TextStream(self.tokenizer, context=r.prompt[-8:]), started=time.monotonic())
+        self._active[slot] = a
+        self._state, token, lp, top_ids, top_lp = self._prefill(
+            self.params, self._state, tokens, len(r.prompt), slot, self._settings(r), np.bool_(r.logprobs is not None))
+        if prompt_lp is not None:
+            r.emit(Event(prompt_logprobs=prompt_lp))
+        self._take(a, int(token), float(lp), top_ids, top_lp)
+
+    def _decode(self) -> None:
+        any_top = any(a.request.logprobs is not None for a in self._active.values())
+        self._state, out = self._step(self.params, self._state, np.bool_(any_top))
+        self.steps += 1
+        tokens, lps, top_ids, top_lps = jax.device_get(out)
+        for slot, a in list(self._active.items()):
+            self._take(a, int(tokens[slot]), float(lps[slot]), top_ids[slot], top_lps[slot])
+
+    def _take(self, a: _Active, token: int, lp: float, top_ids, top_lps) -> None:
+        """A slot's new token: emit its text (minus what may start a stop string) and finish if it ends the
+        request."""
+        r = a.request
+        a.generated += 1
+        top = ([(int(i), float(v)) for i, v in zip(np.asarray(top_ids)[:r.logprobs], np.asarray(top_lps))]
+               if r.logprobs else [])
+        event = Event(tokens=[token], logprobs=[lp] if r.logprobs is not None else [],
+                      top_logprobs=[top] if r.logprobs is not None else [])
+        if token in self.stop_tokens:
+            event.text = a.held + a.text.flush()
+            event.finish_reason = "stop"
+            return self._finish(a, None, event)
+        a.held += a.text.add(token)
+        cut = _find_stop(a.held, r.stop)
+        if cut is not None:
+            event.text, a.held = a.held[:cut], ""
+            event.finish_reason = "stop"
+            return self._finish(a, None, event)
+        full = len(r.prompt) + a.generated >= self.max_len
+        if a.generated >= r.max_tokens or full:
+            event.text = a.held + a.text.flush()
+            cut = _find_stop(event.text, r.stop)
+            event.text = event.text if cut is None else event.text[:cut]
+            event.finish_reason = "length" if cut is None else "stop"
+            return self._finish(a, None, event)
+        keep = _partial_stop(a.held, r.stop)
+        event.text, a.held = a.held[:len(a.held) - keep], a.held[len(a.held) - keep:]
+        r.emit(event)
+
+    def _finish(self, a: _Active, reason: str | None, event: Event | None = None, error: str | None = None):
+        self._active.pop(a.slot, None)
+        self._state = _deactivate(self._state, a.slot)
+        a.request.emit(event or Event(finish_reason=reason, error=error))
+        self._log(a.request, a.generated, a.started)
+
+    def _log(self, r: Request, generated: int, started: float) -> None:
+        if self.log is not None:
+            self.log(f"request {r.id or '-'}: {len(r.prompt)} prompt tokens, {generated} generated, "
+                     f"{(time.monotonic() - started) * 1000:.0f} ms")
+
+    def _score_prompt(self, prompt: list[int], top: int):
+        T = next(b for b in self.buckets if b >= len(prompt))
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        out = jax.device_get(token_logprobs(self.score_params, tokens, self.config,
+                                            np.array([len(prompt)], np.int32), top=TOP_LOGPROBS))
+        lps, ids, tlps = out["logprobs"][0], out["top_ids"][0], out["top_logprobs"][0]
+        return [(t, None if i == 0 else float(lps[i]),
+                 [] if i == 0 else [(int(a), float(b)) for a, b in zip(ids[i][:top], tlps[i][:top])])
+                for i, t in enumerate(prompt)]
+
+    def _settings(self, r: Request) -> dict:
+        return {"temperature": np.float32(r.temperature), "top_k": np.int32(r.top_k or 0),
+                "top_p": np.float32(1.0 if r.top_p is None else r.top_p), "min_p": np.float32(r.min_p or 0.0),
+                "penalty": np.float32(r.repetition_penalty or 1.0), "seed": np.uint32(r.seed or 0)}
+
+    def _empty_state(self) -> dict:
+        S, V = self.max_batch, self.config.vocab_size
+        cache = model.init_cache(self.config, S, self.max_len)
+        return {"k": cache["k"], "v": cache["v"], "lengths": jnp.zeros(S, jnp.int32), "last": jnp.zeros(S, jnp.int32),
+                "active": jnp.zeros(S, bool), "count": jnp.zeros(S, jnp.int32),
+                "temperature": jnp.ones(S, jnp.float32), "top_k": jnp.zeros(S, jnp.int32),
+                "top_p": jnp.ones(S, jnp.float32), "min_p": jnp.zeros(S, jnp.float32),
+                "penalty": jnp.ones(S, jnp.float32), "seed": jnp.zeros(S, jnp.uint32), "seen": jnp.zeros((S, V), bool)}
+
+
+def _compile_count() -> int:
+    """Compilations so far in this process (XLA backend compiles, counted by JAX's monitoring events)."""
+    return _COMPILES[0]
+
+
+_COMPILES = [0]
+
+
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _deactivate(state, slot):
+    return dict(state, active=state["active"].at[slot].set(False))
+
+
+def _step_keys(seed_S, count_S):
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed_S, count_S)
+
+
+def _sample(logits_SV, state, want_top):
+    """Next tokens of every slot, their log-probabilities under the model (before any filter, as OpenAI's
+    `logprobs`), and the top alternatives when some slot asked for them (skipped otherwise)."""
+    token_S, _ = sampling.sample_rows(logits_SV, _step_keys(state["seed"], state["count"]), state["temperature"],
+                                      state["top_k"], state["top_p"], state["min_p"], state["seen"], state["penalty"])
+    logp_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
+    lp_S = jnp.take_along_axis(logp_SV, token_S[:, None], axis=-1)[:, 0]
+    S = logits_SV.shape[0]
+    top = jax.lax.cond(want_top, lambda l: tuple(jax.lax.top_k(l, TOP_LOGPROBS)),
+                       lambda l: (jnp.zeros((S, TOP_LOGPROBS), l.dtype), jnp.zeros((S, TOP_LOGPROBS), jnp.int32)),
+                       logp_SV)
+    return token_S, lp_S, top[1].astype(jnp.int32), top[0]
+
+
+def _decode_step(params, state, want_top, *, config: ModelConfig):
+    """Every active slot feeds its last token at its own position and samples the next one. Inactive slots run
+    too (static shapes) but change nothing that matters: their length stays, their output is ignored."""
+    kv = {"k": state["k"], "v": state["v"]}
+    positions = jnp.minimum(state["lengths"], kv["k"][0].shape[1] - 1)[:, None]
+    h_S1D, kv = model.hidden_cached(params, state["last"][:, None], positions, kv, config, scan_layers=False)
+    logits_SV = model.logits(params, h_S1D[:, 0], config)
+    token_S, lp_S, top_ids, top_lp = _sample(logits_SV, state, want_top)
+    active = state["active"]
+    S = token_S.shape[0]
+    seen = state["seen"].at[jnp.arange(S), token_S].max(active)
+    state = dict(state, k=kv["k"], v=kv["v"], lengths=state["lengths"] + active, last=token_S,
+                 count=state["count"] + active, seen=seen)
+    return state, (token_S, lp_S, top_ids, top_lp)
+
+
+def _prefill(params, state, tokens_1P, length, slot, settings, with_top, *, config: ModelConfig):
+    """Runs one prompt (right-padded to its bucket) into a fresh cache and copies that into the slot's rows of the
+    pool; sets the slot's sampling settings and samples its first token."""
+    P = tokens_1P.shape[1]
+    K = config.n_kv_heads
+    fresh = model.init_cache(config, 1, P)
+    h_1PD, fresh = model.hidden_cached(params, tokens_1P, jnp.arange(P, dtype=jnp.int32)[None], fresh, config,
+                                       scan_layers=False)
+    logits_1V = model.logits(params, jax.lax.dynamic_slice_in_dim(h_1PD[0], length - 1, 1), config)
+    put = lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot * K, 0, 0))
+    seen_V = jnp.zeros(config.vocab_size, bool).at[tokens_1P[0]].max(jnp.arange(P) < length)
+    set_ = lambda name, value: state[name].at[slot].set(value)
+    state = dict(state, k=[put(b, s) for b, s in zip(state["k"], fresh["k"])],
+                 v=[put(b, s) for b, s in zip(state["v"], fresh["v"])],
+                 **{name: set_(name, settings[name]) for name in ("temperature", "top_k", "top_p", "min_p",
+                                                                   "penalty", "seed")},
+                 count=set_("count", 0), seen=state["seen"].at[slot].set(seen_V))
+    row = {k: jax.lax.dynamic_slice_in_dim(v, slot, 1) for k, v in state.items() if k not in ("k", "v")}
+    token, lp, top_ids, top_lp = _sample(logits_1V, row, with_top)
+    state = dict(state, lengths=set_("lengths", length), last=set_("last", token[0]), active=set_("active", True),
+                 count=set_("count", 1), seen=state["seen"].at[slot, token[0]].set(True))
+    return state, token[0], lp[0], top_ids[0], top_lp[0]
+
+
+def _find_stop(text: str, stops) -> int | None:
+    """Where the earliest stop string begins in text, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def _partial_stop(text: str, stops) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string (held back: the next token
+    may complete it)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

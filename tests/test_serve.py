@@ -1,0 +1,289 @@
+"""serve.py against the official `openai` client and raw HTTP: a server started on 127.0.0.1 (a free port) over a
+small random Hugging Face checkpoint with a tokenizer trained here; outputs checked against lj.generate and
+lj.forward; the continuous-batching engine's properties (alone == among others, no compilation after warm-up)."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+
+import llama_jax as lj
+from llama_jax import chat
+from llama_jax.tokenizer import train_tokenizer
+from tests.hf_util import make_hf_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LEN = 128
+PROMPTS = ["The king rode", "Once upon a time", "世界", "A", "the queen waited by the river and the king"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(base url, checkpoint, server process, its stderr file)."""
+    d = tmp_path_factory.mktemp("serve")
+    text = "The king rode to the castle at night, and the queen waited by the river. 世界 🦊 Once upon a time.\n"
+    tok = train_tokenizer([text * 30], 300, d / "tok" / "tokenizer.model")
+    make_hf_llama(d / "model", vocab_size=300, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=96,
+                  max_positions=256)
+    (d / "model" / "tokenizer.model").write_bytes(tok.model_bytes)
+    port = _free_port()
+    log = open(d / "server.log", "w+")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(d / "model"), "--port",
+                             str(port), "--max-batch", "16", "--max-len", str(MAX_LEN), "--model-name", "small"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (d / "server.log").read_text()
+        try:
+            if _get(port, "/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("the server did not become ready: " + (d / "server.log").read_text())
+    ckpt = lj.load_checkpoint(d / "model")
+    yield base, port, ckpt, proc, d / "server.log"
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _get(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", path)
+    r = c.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def _post(port, path, body: bytes | dict):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    return r.status, json.loads(r.read() or b"{}"), dict(r.getheaders())
+
+
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="none", max_retries=0)
+
+
+def greedy(ckpt, ids, n):
+    return lj.generate(ckpt.params, ckpt.config, [ids], max_new_tokens=n, temperature=0.0,
+                       stop_tokens=ckpt.stop_tokens)[0]
+
+
+def text_of(ckpt, ids, tokens):
+    """What the server returns for new tokens: their text, continuing the prompt, without a final stop token."""
+    tokens = [t for t in tokens if t not in ckpt.stop_tokens]
+    return ckpt.tokenizer.decode(ids + tokens)[len(ckpt.tokenizer.decode(ids)):]
+
+
+def test_completions_greedy_equal_generate_streamed_or_not_and_n(served):
+    c, ckpt = client(served), served[2]
+    tok = ckpt.tokenizer
+    r = c.completions.create(model="small", prompt=PROMPTS, max_tokens=12, temperature=0, n=2)
+    assert [ch.index for ch in r.choices] == list(range(2 * len(PROMPTS)))
+    for ch in r.choices:
+        ids = tok.encode(PROMPTS[ch.index // 2], bos=True)
+        expected = greedy(ckpt, ids, 12)
+        assert ch.text == text_of(ckpt, ids, expected), PROMPTS[ch.index // 2]
+        assert ch.finish_reason == ("stop" if expected[-1] in ckpt.stop_tokens else "length")
+    prompt_tokens = sum(len(tok.encode(p, bos=True)) for p in PROMPTS)
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens
+    parts = list(c.completions.create(model="small", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == r.choices[0].text
+    assert parts[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # Token ids as the prompt, no BOS added.
+    ids = tok.encode(PROMPTS[1])
+    r = c.completions.create(model="small", prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == text_of(ckpt, ids, greedy(ckpt, ids, 8)) and r.usage.prompt_tokens == len(ids)
+
+
+def test_logprobs_and_echo_equal_log_softmax_of_forward(served):
+    c, ckpt = client(served), served[2]
+    ids = ckpt.tokenizer.encode(PROMPTS[0], bos=True)
+    r = c.completions.create(model="small", prompt=ids, max_tokens=6, temperature=0, logprobs=3, echo=True)
+    lp = r.choices[0].logprobs
+    new = greedy(ckpt, ids, 6)
+    allids = ids + new
+    ref = np.asarray(jax.nn.log_softmax(lj.forward(ckpt.params, jnp.asarray([allids]), ckpt.config), -1))[0]
+    assert len(lp.token_logprobs) == len(allids) and lp.token_logprobs[0] is None
+    expected = [float(ref[t - 1, allids[t]]) for t in range(1, len(allids))]
+    np.testing.assert_allclose(lp.token_logprobs[1:], expected, atol=1e-4)
+    for t in range(1, len(allids)):  # the top 3 alternatives (a dict by text: tokens with equal text collide)
+        top3 = np.sort(ref[t - 1])[::-1][:3]
+        assert max(lp.top_logprobs[t].values()) == pytest.approx(top3[0], abs=1e-4)
+        assert all(np.min(np.abs(top3 - v)) < 1e-4 for v in lp.top_logprobs[t].values())
+    assert r.choices[0].text.startswith(PROMPTS[0])
+    # echo + max_tokens 0: the prompt's log-probabilities only (what loglikelihood requests of harnesses need).
+    r = c.completions.create(model="small", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], expected[:len(ids) - 1], atol=1e-4)
+    assert r.usage.completion_tokens == 0 and r.choices[0].text == ckpt.tokenizer.decode(ids)
+
+
+def test_chat_streamed_and_not_stops_at_the_end_of_turn(served):
+    c, ckpt = client(served), served[2]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The king rode"}]
+    ids = chat.encode_conversation(ckpt.tokenizer, ckpt.chat_template, messages, add_generation_prompt=True)
+    expected = greedy(ckpt, ids, 20)
+    r = c.chat.completions.create(model="small", messages=messages, max_tokens=20, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    assert r.choices[0].message.content == text_of(ckpt, ids, expected)
+    assert r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].logprobs.content) == len(expected) == r.usage.completion_tokens
+    ref = np.asarray(jax.nn.log_softmax(lj.forward(ckpt.params, jnp.asarray([ids + expected]), ckpt.config), -1))
+    for k, entry in enumerate(r.choices[0].logprobs.content):
+        row = ref[0, len(ids) + k - 1]
+        assert entry.logprob == pytest.approx(row[expected[k]], abs=1e-4)
+        assert [e.logprob for e in entry.top_logprobs] == pytest.approx(np.sort(row)[::-1][:2], abs=1e-4)
+    parts = list(c.chat.completions.create(model="small", messages=messages, max_tokens=20, temperature=0,
+                                           stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == r.choices[0].message.content
+    assert parts[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_stop_strings_cut_the_text_even_across_tokens(served):
+    c, ckpt = client(served), served[2]
+    ids = ckpt.tokenizer.encode(PROMPTS[4], bos=True)
+    full = text_of(ckpt, ids, greedy(ckpt, ids, 24))
+    pieces = [ckpt.tokenizer.decode([t]) for t in greedy(ckpt, ids, 24)]
+    # a stop string made of the end of one token's text and the start of the next one's
+    at = next(i for i in range(2, len(pieces) - 1) if pieces[i] and pieces[i + 1])
+    stop = pieces[i := at][-1:] + pieces[i + 1][:1]
+    cut = full.find(stop)
+    for stream in (False, True):
+        r = c.completions.create(model="small", prompt=PROMPTS[4], max_tokens=24, temperature=0, stop=[stop, "@@"],
+                                 stream=stream)
+        chunks = list(r) if stream else [r]
+        assert "".join(ch.choices[0].text for ch in chunks) == full[:cut]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streaming_clients_get_their_greedy_answers(served):
+    c, ckpt = client(served), served[2]
+    before = _get(served[1], "/health")[1]["compilations_after_warm_up"]
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+
+    def ask(prompt):
+        return "".join(ch.choices[0].text for ch in c.completions.create(
+            model="small", prompt=prompt, max_tokens=16, temperature=0, stream=True))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, prompts))
+    for prompt, text in zip(prompts, got):
+        ids = ckpt.tokenizer.encode(prompt, bos=True)
+        assert text == text_of(ckpt, ids, greedy(ckpt, ids, 16)), prompt
+    health = _get(served[1], "/health")[1]
+    assert health["compilations_after_warm_up"] == before == 0 and health["active"] == 0
+
+
+def test_a_seeded_sample_is_reproducible_alone_or_among_others(served):
+    c = client(served)
+    ask = lambda seed: c.completions.create(model="small", prompt=PROMPTS[1], max_tokens=12, temperature=1.0,
+                                            top_p=0.9, seed=seed).choices[0].text
+    alone = ask(7)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        crowd = list(pool.map(ask, [7, 8, 7, 9, 7, 10]))
+    assert crowd[0] == crowd[2] == crowd[4] == alone
+    r = c.completions.create(model="small", prompt=PROMPTS[1], max_tokens=12, temperature=1.0, seed=7, n=2)
+    assert r.choices[0].text != r.choices[1].text  # n choices from one seed differ
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "x", "top_p": 2}, 400, "top_p"),
+    ({"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ({"prompt": "x", "n": 100000}, 400, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "word " * 400}, 400, "prompt"),
+    ({"prompt": [1, 2, 99999]}, 400, "prompt"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+])
+def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(served, body, status, param):
+    got, answer, _ = _post(served[1], "/v1/completions", body)
+    assert got == status and answer["error"]["param"] == param and answer["error"]["message"]
+    assert _get(served[1], "/health")[0] == 200
+
+
+def test_bad_chat_requests(served):
+    for body, param in (({"messages": "hi"}, "messages"), ({"messages": [{"role": "user"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs")):
+        got, answer, _ = _post(served[1], "/v1/chat/completions", body)
+        assert got == 400 and answer["error"]["param"] == param
+    assert _post(served[1], "/v1/nothing", {})[0] == 404
+
+
+def long_prompt(ckpt, n):
+    """A prompt whose greedy continuation runs n tokens without a stop token (so the request stays running)."""
+    for prompt in (p + " " + q for p in PROMPTS for q in PROMPTS):
+        if not set(greedy(ckpt, ckpt.tokenizer.encode(prompt, bos=True), n)) & set(ckpt.stop_tokens):
+            return prompt
+    raise AssertionError("no prompt runs that long")
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
+    port = served[1]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    prompt = long_prompt(served[2], 100)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 100, "stream": True,
+                                                        "temperature": 0}).encode(),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.readline().startswith(b"data: ")
+    seen_active = _get(port, "/health")[1]["active"]
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while _get(port, "/health")[1]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = _get(port, "/health")[1]
+    assert seen_active == 1 and health["active"] == 0
+
+
+def test_models_and_health(served):
+    status, models = _get(served[1], "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["small"]
+    assert _get(served[1], "/health")[1]["slots"] == 16
+
+
+def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
+    """Last in this module: it stops the server."""
+    c, proc = client(served), served[3]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        prompt = long_prompt(served[2], 60)
+        pending = pool.submit(lambda: c.completions.create(model="small", prompt=prompt, max_tokens=60,
+                                                           temperature=0))
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        answer = pending.result(timeout=60)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 60
+    assert proc.wait(timeout=60) == 0
+    log = served[4].read_text()
+    assert "stopped" in log and "Traceback" not in log and "request " in log
