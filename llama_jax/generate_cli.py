@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: float32 on a CPU, the checkpoint's elsewhere)")
+    p.add_argument("--show-probs", type=int, metavar="K",
+                   help="after the text, list for each generated token the K most likely candidates with their "
+                        "probabilities after temperature and the filters (and which filter cut the others)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (see llama_jax/chat.py)")
     p.add_argument("--system", help="system message for --chat")
     return p.parse_args(argv)
@@ -63,6 +66,9 @@ def check_args(args) -> list[str]:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     except ValueError as e:
         raise UsageError("--" + str(e).replace("_", "-")) from None
+    if args.show_probs is not None and (args.show_probs < 1 or args.chat or len(args.prompt) + len(args.prompt_file)
+                                        > 1 or args.num_samples != 1):
+        raise UsageError("--show-probs K needs K >= 1 and one prompt (no --chat, --num-samples or second prompt)")
     if args.chat and (args.prompt or args.prompt_file or args.num_samples != 1):
         raise UsageError("--chat reads its prompts interactively; leave out --prompt, --prompt-file and "
                          "--num-samples")
@@ -141,7 +147,10 @@ def run(args) -> None:
                          f"model's context of {config.max_seq_len} tokens")
     stops = ckpt.stop_tokens
     if len(prompts) == 1:
-        return _stream_one(params, config, tok, prompts[0], texts[0], stops, sampling)
+        new = _stream_one(params, config, tok, prompts[0], texts[0], stops, sampling)
+        if args.show_probs:
+            _show_probs(params, config, tok, prompts[0], new, args.show_probs, sampling)
+        return
     t0 = time.perf_counter()
     outs = generate(params, config, prompts, stop_tokens=stops, **sampling)
     elapsed = time.perf_counter() - t0
@@ -158,9 +167,12 @@ def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> No
     print(prompt_text, end="", flush=True)
     out = TextStream(tok, context=prompt[-1:])
     times = [time.perf_counter()]  # start, then the arrival of each token
+    new = []
     for token in tokens:
         token = int(token[0])
         times.append(time.perf_counter())
+        if token >= 0:
+            new.append(token)
         if token < 0 or token in stops:
             break
         out.write(token)
@@ -171,7 +183,24 @@ def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> No
     n_decode = max(len(times) - 3, 0)
     print(_summary(len(prompt), times[1] - times[0], n_decode, times[-1] - times[2] if n_decode else 0.0),
           file=sys.stderr)
+    return new
 
+
+def _show_probs(params, config, tok, prompt, new, k, sampling) -> None:
+    """The distribution each token was drawn from (score.sampling_candidates), as a table after the text."""
+    from llama_jax.score import sampling_candidates
+
+    settings = {name: sampling[name] for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+    rows = sampling_candidates(params, config, prompt + new, len(prompt), k, **settings)
+    shown = ", ".join(f"{n.replace('_', '-')} {v}" for n, v in settings.items() if v is not None)
+    print(f"--- the {k} most likely candidates per token ({shown}): probability after the filters, [before] ---")
+    piece = lambda i: repr(tok.decode([i]) if 0 <= i < tok.vocab_size and not tok.is_special(i) else tok.piece(i)
+                           if 0 <= i < tok.vocab_size else f"<id {i}>")
+    for n, row in enumerate(rows, 1):
+        print(f"{n:>4} {piece(row['token'])}")
+        for i, after, before, cut in row["candidates"]:
+            mark = "<- chosen" if i == row["token"] else f"cut by {cut}" if cut else ""
+            print(f"       {piece(i):<16} {after:7.4f} [{before:.4f}] {mark}".rstrip())
 
 def chat_loop(params, config, tok, sampling, system=None, read=input, template=chat.PROJECT_TEMPLATE,
               stops=None) -> None:

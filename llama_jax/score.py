@@ -143,12 +143,14 @@ def windows(n: int, width: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def nll_of_documents(params, config: ModelConfig, documents: list[list[int]], stride: int,
-                     batch_tokens: int = 8192, progress=None) -> list[tuple[float, int]]:
+                     batch_tokens: int = 8192, progress=None, window: int | None = None) -> list[tuple[float, int]]:
     """(sum of negative log-likelihoods in nats, tokens scored) per document (token lists, BOS first), long ones
-    scored with sliding windows (see `windows`). `progress(n)` is called with the tokens scored per batch."""
+    scored with sliding windows of `window` tokens (default: the context; see `windows`). `progress(n)` is called
+    with the tokens scored per batch."""
+    window = min(window or config.max_seq_len, config.max_seq_len)
     pieces, owner = [], []
     for d, doc in enumerate(documents):
-        for start, end, first in windows(len(doc), config.max_seq_len, stride):
+        for start, end, first in windows(len(doc), window, stride):
             pieces.append((doc[start:end], first - start))
             owner.append(d)
     totals = [[0.0, 0] for _ in documents]
@@ -167,3 +169,35 @@ def nll_of_documents(params, config: ModelConfig, documents: list[list[int]], st
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
     """Total negative log-likelihood as bits per UTF-8 byte of the text: comparable across tokenizers."""
     return nll_nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
+
+
+def sampling_candidates(params, config: ModelConfig, tokens: list[int], n_prompt: int, k: int,
+                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                        min_p: float | None = None, repetition_penalty: float | None = None) -> list[dict]:
+    """What the sampler chose from, for each token after the first n_prompt: {"token": the one generated,
+    "candidates": the k most likely [(id, probability after temperature and the filters (0 when cut), before
+    the filters, the filter that cut it: "top-k", "top-p", "min-p" or None)]}. Greedy decoding (temperature 0)
+    shows the distribution at temperature 1, unfiltered (the argmax ignores the filters)."""
+    from llama_jax import sampling
+
+    logits_TV = np.asarray(model.forward(params, jnp.asarray([tokens], jnp.int32), config)[0], np.float32)
+    greedy = temperature == 0
+    out = []
+    for t in range(n_prompt, len(tokens)):
+        seen_1V = np.zeros((1, config.vocab_size), bool)
+        seen_1V[0, tokens[:t]] = True
+        stages = [sampling.filtered_logits(logits_TV[t - 1][None], 1.0 if greedy else temperature, None, None, None,
+                                           seen_1V, repetition_penalty)]
+        names = []
+        if not greedy:
+            for name, kw in (("top-k", {"top_k": top_k}), ("top-p", {"top_p": top_p}), ("min-p", {"min_p": min_p})):
+                if next(iter(kw.values())) is not None:
+                    stages.append(sampling.filtered_logits(stages[-1], 1.0, **kw))
+                    names.append(name)
+        stages = [np.asarray(s[0]) for s in stages]
+        before, after = np.asarray(jax.nn.softmax(stages[0])), np.asarray(jax.nn.softmax(stages[-1]))
+        top = np.argsort(-before, kind="stable")[:k]
+        cut = lambda i: next((names[j] for j in range(len(names)) if np.isneginf(stages[j + 1][i])), None)
+        out.append({"token": int(tokens[t]),
+                    "candidates": [(int(i), float(after[i]), float(before[i]), cut(i)) for i in top]})
+    return out

@@ -1,0 +1,230 @@
+"""Measure a checkpoint: perplexity on any text, and multiple-choice tasks scored by log-likelihood.
+
+    python -m llama_jax.eval perplexity --checkpoint runs/tiny --data data/held_out.txt
+    python -m llama_jax.eval choice --checkpoint runs/tiny --tasks llama_jax/examples/shakespeare_choice.jsonl
+
+Perplexity reads the corpus formats training reads (text, JSONL, gzipped, directories, globs). Each document is
+encoded with BOS first and every token after BOS is scored exactly once; a document longer than the context is
+scored in sliding windows that give each token at least --stride tokens of context (score.windows). Reported per
+file and in total: tokens, mean negative log-likelihood (nats per token), perplexity and bits per byte (the total
+negative log-likelihood in bits over the text's UTF-8 bytes: comparable between models with different
+tokenizers).
+
+A task file is JSONL, one question per line:
+
+    {"context": "The capital of France is", "choices": ["Paris", "Rome", "Berlin"], "answer": 0}
+
+Each choice is scored as the continuation `context + delimiter + choice` (delimiter " " by default, as
+lm-eval-harness's target_delimiter), tokenized as lm-eval-harness tokenizes a loglikelihood request (the whole
+string, the context's tokens taken off its front). `acc` picks the choice with the highest log-likelihood;
+`acc_norm` divides each by the choice's length in characters first (lm-eval-harness's acc and acc_norm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+
+from llama_jax import score
+
+
+class EvalError(ValueError):
+    """Bad input to an evaluation (a task file, a corpus): one line naming the file."""
+
+
+def perplexity(params, config, tok, paths, *, window: int | None = None, stride: int | None = None,
+               batch_tokens: int = 8192, text_field: str = "text", separator: str | None = None,
+               utf8_errors: str = "strict", progress: bool = False) -> dict:
+    """{"files": [per file], "total": {...}}, each with documents, tokens (scored), bytes, nll (mean nats per
+    token), perplexity and bits_per_byte. Windows of `window` tokens (default: the context) overlapping by
+    `stride` (default: half a window)."""
+    from llama_jax import data
+
+    files = data.expand_paths(paths)
+    window = window or config.max_seq_len
+    stride = window // 2 if stride is None else stride
+    score.windows(1, window, stride)  # checks the stride before any work
+    encoded = []
+    for f in files:
+        texts = [t for _, t in data.iter_documents([f], text_field, separator, utf8_errors)]
+        texts = [t for t in texts if t]
+        docs = tok.encode_batch(texts, bos=True)
+        encoded.append((f, docs, sum(len(t.encode("utf-8")) for t in texts)))
+    total_tokens = sum(len(d) - 1 for _, docs, _ in encoded for d in docs)
+    if total_tokens == 0:
+        raise EvalError(f"{', '.join(map(str, paths))}: no text to score")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_tokens, unit="tok", desc="scoring", file=sys.stderr, disable=None)
+    results, nll_all, n_all, bytes_all, docs_all = [], 0.0, 0, 0, 0
+    try:
+        for f, docs, n_bytes in encoded:
+            sums = score.nll_of_documents(params, config, docs, stride, batch_tokens,
+                                          progress=bar.update if bar is not None else None, window=window)
+            nll, n = sum(s for s, _ in sums), sum(k for _, k in sums)
+            results.append(_summary(str(f), len(docs), n, n_bytes, nll))
+            nll_all, n_all, bytes_all, docs_all = nll_all + nll, n_all + n, bytes_all + n_bytes, docs_all + len(docs)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"files": results, "total": _summary("total", docs_all, n_all, bytes_all, nll_all)}
+
+
+def _summary(name, documents, tokens, n_bytes, nll) -> dict:
+    mean = nll / tokens if tokens else float("nan")
+    return {"path": name, "documents": documents, "tokens": tokens, "bytes": n_bytes, "nll": mean,
+            "perplexity": math.exp(mean) if tokens else float("nan"),
+            "bits_per_byte": score.bits_per_byte(nll, n_bytes)}
+
+
+def read_tasks(path) -> list[dict]:
+    """The questions of a task file (see the module docstring), each checked: one line naming the line if not."""
+    from llama_jax.data import DataError, iter_jsonl
+
+    tasks = []
+    try:
+        for where, q in iter_jsonl([path]):
+            if not isinstance(q, dict):
+                raise EvalError(f"{where}: expected an object with context, choices and answer")
+            if not isinstance(q.get("context"), str):
+                raise EvalError(f"{where}: \"context\" must be a string")
+            choices = q.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c
+                                                                            for c in choices):
+                raise EvalError(f"{where}: \"choices\" must be a list of at least two non-empty strings")
+            answer = q.get("answer")
+            if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+                raise EvalError(f"{where}: \"answer\" must be the index of the right choice, 0 .. "
+                                f"{len(choices) - 1}; got {json.dumps(answer)}")
+            tasks.append(q)
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    if not tasks:
+        raise EvalError(f"{path}: no questions (expected JSON lines with context, choices and answer)")
+    return tasks
+
+
+def loglikelihood_request(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval-harness splits a loglikelihood request: the context's trailing
+    spaces move to the continuation, the whole string is encoded (with BOS) and the context's token count taken
+    off its front, so the continuation's ids are those of the text as a whole."""
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tok.encode(context + continuation, bos=True)
+    n_context = len(tok.encode(context, bos=True))
+    return whole[:n_context], whole[n_context:]
+
+
+def choice(params, config, tok, tasks: list[dict], delimiter: str = " ", batch_tokens: int = 8192) -> dict:
+    """{"acc", "acc_norm", "n", "predictions": [(argmax, argmax normalised, answer)]} over the questions."""
+    pairs, owners = [], []
+    for i, q in enumerate(tasks):
+        for c in q["choices"]:
+            context, continuation = loglikelihood_request(tok, q["context"], delimiter + c)
+            if not continuation:
+                raise EvalError(f"question {i + 1}: the choice {c!r} adds no tokens to the context")
+            pairs.append((context, continuation))
+            owners.append(i)
+    scores = score.score_continuations(params, config, pairs, batch_tokens)
+    k, predictions = 0, []
+    for q in tasks:
+        lls = np.array([s for s, _ in scores[k:k + len(q["choices"])]])
+        lengths = np.array([float(len(c)) for c in q["choices"]])
+        predictions.append((int(np.argmax(lls)), int(np.argmax(lls / lengths)), q["answer"]))
+        k += len(q["choices"])
+    n = len(tasks)
+    return {"acc": sum(p == a for p, _, a in predictions) / n, "acc_norm": sum(p == a for _, p, a in predictions) / n,
+            "n": n, "predictions": predictions}
+
+
+def main(argv=None) -> int:
+    from llama_jax.cli import ArgumentParser, fail, quiet_library_noise
+
+    quiet_library_noise()
+    p = ArgumentParser(prog="python -m llama_jax.eval", description="Measure a checkpoint.")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True,
+                        help="a training run directory, a Hugging Face Llama directory or a llama2.c .bin file")
+    common.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
+    common.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
+    common.add_argument("--batch-tokens", type=int, default=8192, help="tokens scored per batch")
+    common.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    common.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    pp = sub.add_parser("perplexity", parents=[common], help="perplexity and bits per byte of text files")
+    pp.add_argument("--data", nargs="+", required=True, help="text or JSONL files, directories or globs")
+    pp.add_argument("--window", type=int, help="tokens per scoring window (default: the model's context; the "
+                                               "training run's seq_len scores a model as it was trained)")
+    pp.add_argument("--stride", type=int, help="tokens of context each window keeps from the one before (default: "
+                                               "half a window)")
+    pp.add_argument("--text-field", default="text", help="the JSONL field holding the text")
+    pp.add_argument("--separator", help="split text files into documents at this string (default: a file is one)")
+    pc = sub.add_parser("choice", parents=[common], help="accuracy on multiple-choice questions (JSONL)")
+    pc.add_argument("--tasks", required=True, help="a JSONL file: {context, choices, answer} per line")
+    pc.add_argument("--delimiter", default=" ", help="put between the context and each choice")
+    pc.add_argument("--limit", type=int, help="score only the first N questions")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else 2
+
+    from llama_jax.chat import ChatTemplateError
+    from llama_jax.checkpoint import ResumeError
+    from llama_jax.config import ConfigError
+    from llama_jax.data import DataError
+    from llama_jax.hf import CheckpointError
+    from llama_jax.llama2c import Llama2cError
+    from llama_jax.load import load_checkpoint
+    from llama_jax.tokenizer import TokenizerError
+
+    try:
+        if args.batch_tokens < 1:
+            raise EvalError(f"--batch-tokens={args.batch_tokens} must be >= 1")
+        if args.command == "choice":
+            if args.limit is not None and args.limit < 1:
+                raise EvalError(f"--limit={args.limit} must be >= 1")
+            tasks = read_tasks(args.tasks)[:args.limit]
+        ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+        config = ckpt.config.replace(dtype=args.dtype or ckpt.config.dtype)
+        if args.command == "perplexity":
+            window = args.window or config.max_seq_len
+            if not 2 <= window <= config.max_seq_len:
+                raise EvalError(f"--window={window} must be in [2, {config.max_seq_len}] (the model's context)")
+            if args.stride is not None and not 1 <= args.stride < window:
+                raise EvalError(f"--stride={args.stride} must be in [1, {window}) (the window)")
+            out = perplexity(ckpt.params, config, ckpt.tokenizer, args.data, window=window, stride=args.stride,
+                             batch_tokens=args.batch_tokens, text_field=args.text_field, separator=args.separator,
+                             progress=not args.json)
+            out["checkpoint"] = ckpt.source
+            if args.json:
+                print(json.dumps(out))
+            else:
+                print(f"{ckpt.source}")
+                print(f"{'file':<40} {'tokens':>10} {'nll/token':>10} {'perplexity':>11} {'bits/byte':>10}")
+                for r in [*out["files"], out["total"]]:
+                    print(f"{r['path'][-40:]:<40} {r['tokens']:>10} {r['nll']:>10.4f} {r['perplexity']:>11.3f} "
+                          f"{r['bits_per_byte']:>10.4f}")
+        else:
+            out = choice(ckpt.params, config, ckpt.tokenizer, tasks, args.delimiter, args.batch_tokens)
+            if args.json:
+                print(json.dumps({"checkpoint": ckpt.source, "tasks": str(args.tasks), **out}))
+            else:
+                print(f"{ckpt.source}; {args.tasks}: {out['n']} questions")
+                print(f"acc {out['acc']:.4f}   acc_norm {out['acc_norm']:.4f}")
+    except (EvalError, DataError, ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError,
+            ChatTemplateError) as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
