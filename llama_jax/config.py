@@ -295,6 +295,7 @@ class TrainConfig:
     loss_chunk: int = 4096  # tokens per chunk of the LM head + loss, bounding the logits held in memory
     eval_every: int = 100  # steps between validation passes (and one at the end)
     eval_batches: int = 8  # batches per validation pass
+    eval_paths: tuple[str, ...] = ()  # text scored at each validation: name=path (a bare path: named by its stem)
     save_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard rows

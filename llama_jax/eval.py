@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -47,12 +48,7 @@ def perplexity(params, config, tok, paths, *, window: int | None = None, stride:
     window = window or config.max_seq_len
     stride = window // 2 if stride is None else stride
     score.windows(1, window, stride)  # checks the stride before any work
-    encoded = []
-    for f in files:
-        texts = [t for _, t in data.iter_documents([f], text_field, separator, utf8_errors)]
-        texts = [t for t in texts if t]
-        docs = tok.encode_batch(texts, bos=True)
-        encoded.append((f, docs, sum(len(t.encode("utf-8")) for t in texts)))
+    encoded = [(f, *encode_documents(tok, [f], text_field, separator, utf8_errors)) for f in files]
     total_tokens = sum(len(d) - 1 for _, docs, _ in encoded for d in docs)
     if total_tokens == 0:
         raise EvalError(f"{', '.join(map(str, paths))}: no text to score")
@@ -73,6 +69,32 @@ def perplexity(params, config, tok, paths, *, window: int | None = None, stride:
         if bar is not None:
             bar.close()
     return {"files": results, "total": _summary("total", docs_all, n_all, bytes_all, nll_all)}
+
+
+def encode_documents(tok, paths, text_field: str = "text", separator: str | None = None,
+                     utf8_errors: str = "strict") -> tuple[list[list[int]], int]:
+    """(token ids of each non-empty document, BOS first; the documents' UTF-8 bytes), encoded on all cores."""
+    from llama_jax import data
+
+    texts = [t for _, t in data.iter_documents(paths, text_field, separator, utf8_errors) if t]
+    return tok.encode_batch(texts, bos=True), sum(len(t.encode("utf-8")) for t in texts)
+
+
+def eval_sets(entries, tok, text_field: str = "text", separator: str | None = None,
+              utf8_errors: str = "strict") -> dict[str, tuple[list[list[int]], int]]:
+    """train.eval_paths: {name: (documents, bytes)} from "name=path" entries (a bare path is named by its
+    stem)."""
+    out = {}
+    for entry in entries:
+        name, path = entry.split("=", 1) if "=" in entry else (Path(entry).stem, entry)
+        if not name or name in out:
+            raise EvalError(f"train.eval_paths: {'the name ' + repr(name) + ' is used twice' if name else entry!r}"
+                            f"{'' if name else ': an empty name'} (give each entry as name=path)")
+        docs, n_bytes = encode_documents(tok, [path], text_field, separator, utf8_errors)
+        if not docs:
+            raise EvalError(f"train.eval_paths: {path}: no text to score")
+        out[name] = (docs, n_bytes)
+    return out
 
 
 def _summary(name, documents, tokens, n_bytes, nll) -> dict:

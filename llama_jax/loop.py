@@ -19,9 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax import checkpoint, cli, data, model, sharding
+from llama_jax import checkpoint, cli, data, model, score, sharding
 from llama_jax import train as T
 from llama_jax.config import ConfigError, RunConfig, add_config_flags, dump_yaml, load_run_config, overrides_from_args
+from llama_jax.eval import EvalError, eval_sets
 from llama_jax.hf import CheckpointError
 from llama_jax.llama2c import Llama2cError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
@@ -36,7 +37,7 @@ class TrainingDiverged(RuntimeError):
 
 SOURCE_RECORD = "tokenizer.source.json"  # in the run directory: what its own tokenizer was trained on
 ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, checkpoint.SaveError,
-          CheckpointError, Llama2cError, TrainingDiverged)
+          CheckpointError, Llama2cError, EvalError, TrainingDiverged)
 
 
 def parse_args(argv=None):
@@ -131,6 +132,11 @@ def check_run(config: RunConfig, run_dir: Path, resume: bool):
     if config.data.tokenizer and not Path(config.data.tokenizer).exists():
         raise ConfigError(f"data.tokenizer={config.data.tokenizer}: no such file or directory")
     data.expand_paths(config.data.path) if config.data.path else None  # a missing corpus fails here, not later
+    if tc.eval_paths and jax.process_count() > 1:
+        raise ConfigError("train.eval_paths: scored on one process only; score the checkpoints with python -m "
+                          "llama_jax.eval perplexity instead")
+    for entry in tc.eval_paths:
+        data.expand_paths(entry.split("=", 1)[-1])
     return mesh
 
 
@@ -300,6 +306,8 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
         corpus = config.data.path or default_corpus()
         tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, init_tok, meta))
         splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=is_main))
+        evals = eval_sets(config.train.eval_paths, tok, config.data.text_field, config.data.separator,
+                          config.data.utf8_errors)
         if is_main:
             dump_yaml(config, run_dir / "config.yaml")  # every check has passed
             if meta is not None:
@@ -307,7 +315,8 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
                 truncate_after(run_dir / "metrics.jsonl", step0)
             else:
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return train_loop(config, run_dir, mesh, state, state_shard, step0, loader_state, tok, splits, signals)
+        return train_loop(config, run_dir, mesh, state, state_shard, step0, loader_state, tok, splits, signals,
+                          evals)
     finally:
         if lock is not None:
             lock.release()
@@ -316,7 +325,9 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
 
 
 def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0: int, loader_state, tok, splits,
-               signals: Signals) -> dict:
+               signals: Signals, evals: dict | None = None) -> dict:
+    """The steps, with validation (and the train.eval_paths sets: eval.eval_sets) every eval_every steps and a
+    checkpoint every save_every."""
     mc, tc = config.model, config.train
     is_main = jax.process_index() == 0
     train_split, val_split = splits
@@ -393,6 +404,13 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0
                                         "tokens_seen": step * tc.batch_size * tc.seq_len})
                     bar.write(f"step {step}: validation loss {val_loss:.4f} "
                               f"(perplexity {np.exp(min(val_loss, 50)):.2f})")
+                for name, (docs, n_bytes) in (evals or {}).items():
+                    sums = score.nll_of_documents(state.params, mc, docs, stride=tc.seq_len // 2, window=tc.seq_len)
+                    nll, n = sum(s for s, _ in sums), sum(k for _, k in sums)
+                    writer.write(step, {f"eval_{name}_loss": nll / n, f"eval_{name}_bpb": score.bits_per_byte(
+                        nll, n_bytes)})
+                    bar.write(f"step {step}: {name} loss {nll / n:.4f} (bits per byte "
+                              f"{score.bits_per_byte(nll, n_bytes):.4f})")
                 t_mark, tokens_mark = time.perf_counter(), step  # evaluation time is not training throughput
             if step % tc.save_every == 0 or step == tc.steps or stop is not None:
                 if pending is not None:

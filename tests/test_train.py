@@ -288,9 +288,20 @@ def test_param_specs_shard_matrices_and_replicate_norms():
         sharding.parse_mesh("data=2,pipeline=2")
 
 
-def test_metrics_jsonl_rows_are_json(corpus, tmp_path):
+def test_metrics_jsonl_rows_are_json_and_eval_paths_score_as_eval_perplexity(corpus, tmp_path):
+    from llama_jax import eval as ev
+
     run = tmp_path / "r"
-    assert loop.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=3")) == 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        assert "step" in row and "tokens_seen" in row
+    (tmp_path / "held.txt").write_text("the river stone fire crown night " * 30)
+    assert loop.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=3",
+                                f"--train.eval_paths=held={tmp_path / 'held.txt'}")) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in row for row in rows) and any("tokens_seen" in row for row in rows)
+    held = next(row for row in rows if "eval_held_loss" in row)
+    ckpt = lj.load_checkpoint(run)
+    got = ev.perplexity(ckpt.params, ckpt.config, ckpt.tokenizer, [tmp_path / "held.txt"], window=32, stride=16)
+    assert held["step"] == 3 and held["eval_held_loss"] == pytest.approx(got["total"]["nll"], rel=1e-6)
+    assert held["eval_held_bpb"] == pytest.approx(got["total"]["bits_per_byte"], rel=1e-6)
+    # A missing evaluation file is refused before anything is written.
+    assert loop.main(train_args(corpus, tmp_path / "r2", "--train.eval_paths=nope.txt")) == 2
+    assert not (tmp_path / "r2" / "config.yaml").exists()
