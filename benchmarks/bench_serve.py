@@ -96,7 +96,8 @@ def main():
     rows = []
     for preset in args.presets:
         config = lj.load_model_config(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
-        config = config.replace(dtype="float32")
+        # stories15M's 256-token context cannot hold a 256-token prompt and 128 new tokens: its shape, with room
+        config = config.replace(dtype="float32", max_seq_len=max(config.max_seq_len, 256 + args.new_tokens))
         params = lj.init_params(config, jax.random.key(0))
         rng = np.random.default_rng(0)
         prompts = [[1, *map(int, rng.integers(3, config.vocab_size, int(n) - 1))]
@@ -123,7 +124,7 @@ def main():
                      ms(static_step), ""])
         print(rows[-2:], flush=True)
 
-        engine = Engine(params, config, _NoText(), max_batch=16, max_len=512)
+        engine = Engine(params, config, _NoText(), max_batch=16, max_len=256 + args.new_tokens)
         t = time.perf_counter()
         engine.start()
         warm = time.perf_counter() - t

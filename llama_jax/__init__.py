@@ -28,14 +28,14 @@ from llama_jax.sampling import (
     top_p_filter,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Imported on first use, so that `python -m llama_jax.hf` / `python -m llama_jax.tokenizer` run their module
 # fresh (runpy warns when a package has already imported the module it is asked to run).
 _LAZY = {"load_hf_checkpoint": "hf", "save_hf_checkpoint": "hf", "CheckpointError": "hf",
          "Tokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
          "train_tokenizer": "tokenizer", "load_checkpoint": "load", "Checkpoint": "load",
-         "load_llama2c": "llama2c"}
+         "load_llama2c": "llama2c", "token_logprobs": "score", "score_continuations": "score"}
 
 
 def __getattr__(name):

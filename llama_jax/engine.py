@@ -92,7 +92,6 @@ class _Active:
     text: TextStream
     held: str = ""  # text not yet emitted: it may begin a stop string
     generated: int = 0
-    cancelled: bool = False
     started: float = 0.0
 
 
@@ -120,10 +119,10 @@ class Engine:
         self._running = False
         self._draining = False
         self._seeds = itertools.count(int(time.time_ns() % (1 << 31)))
-        self.compilations = 0  # compilations seen since warm_up finished (should stay 0)
         self.ready = False
         self.steps = 0
         self._state = self._empty_state()
+        self._inflight = None  # (outputs of the step in flight, the slots' owners when it was launched)
         self._step = jax.jit(functools.partial(_decode_step, config=config), donate_argnums=1)
         self._prefill = jax.jit(functools.partial(_prefill, config=config), donate_argnums=1)
 
@@ -239,7 +238,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while self._running and not self._waiting and not self._active and not self._cancelled:
+                while (self._running and not self._waiting and not self._active and not self._cancelled
+                       and self._inflight is None):
                     self._lock.wait()
                 if not self._running:
                     break
@@ -262,14 +262,18 @@ class Engine:
                 try:
                     self._admit(r)
                 except Exception as e:  # a bug must not stop the engine for everyone else
+                    for slot in [s for s, a in self._active.items() if a.request is r]:
+                        del self._active[slot]
                     r.emit(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
-            if self._active:
-                try:
-                    self._decode()
-                except Exception as e:
-                    for a in list(self._active.values()):
-                        self._finish(a, "error", error=f"{type(e).__name__}: {e}")
-                    self._state = self._empty_state()
+            try:
+                self._decode()
+            except Exception as e:
+                self._inflight = None
+                for a in list(self._active.values()):
+                    self._finish(a, "error", error=f"{type(e).__name__}: {e}")
+                self._state = self._empty_state()
+        if self._inflight is not None:  # stopping: what the last step produced still goes out
+            self._process(*self._inflight)
 
     def _admit(self, r: Request) -> None:
         prompt_lp = self._score_prompt(r.prompt, r.logprobs or 0) if r.echo else None
@@ -290,12 +294,24 @@ class Engine:
         self._take(a, int(token), float(lp), top_ids, top_lp)
 
     def _decode(self) -> None:
-        any_top = any(a.request.logprobs is not None for a in self._active.values())
-        self._state, out = self._step(self.params, self._state, np.bool_(any_top))
-        self.steps += 1
+        """Launches the next step, then hands out what the previous one produced while this one computes (JAX
+        dispatches asynchronously): the host's work per token overlaps the device's. A request that the previous
+        step finishes has had one more token computed by this one; it is dropped (the slot's owner at launch is
+        recorded, so a slot freed and refilled meanwhile never receives its old occupant's token)."""
+        previous, self._inflight = self._inflight, None
+        if self._active:
+            want = any(a.request.logprobs is not None for a in self._active.values())
+            self._state, out = self._step(self.params, self._state, np.bool_(want))
+            self.steps += 1
+            self._inflight = (out, dict(self._active))
+        if previous is not None:
+            self._process(*previous)
+
+    def _process(self, out, owners: dict) -> None:
         tokens, lps, top_ids, top_lps = jax.device_get(out)
-        for slot, a in list(self._active.items()):
-            self._take(a, int(tokens[slot]), float(lps[slot]), top_ids[slot], top_lps[slot])
+        for slot, a in owners.items():
+            if self._active.get(slot) is a:
+                self._take(a, int(tokens[slot]), float(lps[slot]), top_ids[slot], top_lps[slot])
 
     def _take(self, a: _Active, token: int, lp: float, top_ids, top_lps) -> None:
         """A slot's new token: emit its text (minus what may start a stop string) and finish if it ends the
@@ -389,28 +405,43 @@ def _step_keys(seed_S, count_S):
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed_S, count_S)
 
 
-def _sample(logits_SV, state, want_top):
-    """Next tokens of every slot, their log-probabilities under the model (before any filter, as OpenAI's
-    `logprobs`), and the top alternatives when some slot asked for them (skipped otherwise)."""
-    token_S, _ = sampling.sample_rows(logits_SV, _step_keys(state["seed"], state["count"]), state["temperature"],
-                                      state["top_k"], state["top_p"], state["min_p"], state["seen"], state["penalty"])
-    logp_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
-    lp_S = jnp.take_along_axis(logp_SV, token_S[:, None], axis=-1)[:, 0]
+def _sample(logits_SV, state, want_logprobs):
+    """Next tokens of every slot; with want_logprobs (some slot asked for them) also their log-probabilities under
+    the model (before any filter, as OpenAI's `logprobs`) and the top alternatives. The random draws and the
+    log-softmax are skipped when no slot needs them (all greedy; no logprobs)."""
     S = logits_SV.shape[0]
-    top = jax.lax.cond(want_top, lambda l: tuple(jax.lax.top_k(l, TOP_LOGPROBS)),
-                       lambda l: (jnp.zeros((S, TOP_LOGPROBS), l.dtype), jnp.zeros((S, TOP_LOGPROBS), jnp.int32)),
-                       logp_SV)
-    return token_S, lp_S, top[1].astype(jnp.int32), top[0]
+    logits_SV = logits_SV.astype(jnp.float32)
+
+    def draw(l):
+        return sampling.sample_rows(l, _step_keys(state["seed"], state["count"]), state["temperature"],
+                                    state["top_k"], state["top_p"], state["min_p"], state["seen"],
+                                    state["penalty"])[0]
+
+    def greedy(l):
+        penalised = sampling.apply_repetition_penalty(l, state["seen"], state["penalty"][:, None])
+        return jnp.argmax(jnp.where((state["penalty"] != 1.0)[:, None], penalised, l), axis=-1).astype(jnp.int32)
+
+    token_S = jax.lax.cond(jnp.any(state["temperature"] > 0), draw, greedy, logits_SV)
+
+    def logprobs(l):
+        logp_SV = jax.nn.log_softmax(l, axis=-1)
+        values, ids = jax.lax.top_k(logp_SV, TOP_LOGPROBS)
+        return jnp.take_along_axis(logp_SV, token_S[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), values
+
+    nothing = lambda l: (jnp.zeros(S, l.dtype), jnp.zeros((S, TOP_LOGPROBS), jnp.int32),
+                         jnp.zeros((S, TOP_LOGPROBS), l.dtype))
+    lp_S, top_ids, top_lp = jax.lax.cond(want_logprobs, logprobs, nothing, logits_SV)
+    return token_S, lp_S, top_ids, top_lp
 
 
-def _decode_step(params, state, want_top, *, config: ModelConfig):
+def _decode_step(params, state, want_logprobs, *, config: ModelConfig):
     """Every active slot feeds its last token at its own position and samples the next one. Inactive slots run
     too (static shapes) but change nothing that matters: their length stays, their output is ignored."""
     kv = {"k": state["k"], "v": state["v"]}
     positions = jnp.minimum(state["lengths"], kv["k"][0].shape[1] - 1)[:, None]
     h_S1D, kv = model.hidden_cached(params, state["last"][:, None], positions, kv, config, scan_layers=False)
     logits_SV = model.logits(params, h_S1D[:, 0], config)
-    token_S, lp_S, top_ids, top_lp = _sample(logits_SV, state, want_top)
+    token_S, lp_S, top_ids, top_lp = _sample(logits_SV, state, want_logprobs)
     active = state["active"]
     S = token_S.shape[0]
     seen = state["seen"].at[jnp.arange(S), token_S].max(active)
@@ -419,7 +450,7 @@ def _decode_step(params, state, want_top, *, config: ModelConfig):
     return state, (token_S, lp_S, top_ids, top_lp)
 
 
-def _prefill(params, state, tokens_1P, length, slot, settings, with_top, *, config: ModelConfig):
+def _prefill(params, state, tokens_1P, length, slot, settings, want_logprobs, *, config: ModelConfig):
     """Runs one prompt (right-padded to its bucket) into a fresh cache and copies that into the slot's rows of the
     pool; sets the slot's sampling settings and samples its first token."""
     P = tokens_1P.shape[1]
@@ -437,7 +468,7 @@ def _prefill(params, state, tokens_1P, length, slot, settings, with_top, *, conf
                                                                    "penalty", "seed")},
                  count=set_("count", 0), seen=state["seen"].at[slot].set(seen_V))
     row = {k: jax.lax.dynamic_slice_in_dim(v, slot, 1) for k, v in state.items() if k not in ("k", "v")}
-    token, lp, top_ids, top_lp = _sample(logits_1V, row, with_top)
+    token, lp, top_ids, top_lp = _sample(logits_1V, row, want_logprobs)
     state = dict(state, lengths=set_("lengths", length), last=set_("last", token[0]), active=set_("active", True),
                  count=set_("count", 1), seen=state["seen"].at[slot, token[0]].set(True))
     return state, token[0], lp[0], top_ids[0], top_lp[0]

@@ -153,6 +153,9 @@ class Server:
              "max_model_len": self.engine.max_len}]})
 
     async def _body(self, request: HTTPRequest, kind: str) -> dict:
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY:  # refused before reading it
+            raise BadRequest(f"the request body is {declared} bytes; at most {MAX_BODY}", status=413)
         raw = await request.body()
         if len(raw) > MAX_BODY:
             raise BadRequest(f"the request body is {len(raw)} bytes; at most {MAX_BODY}", status=413)

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 import llama_jax as lj
-from llama_jax import chat
+from llama_jax import chat, score
 from llama_jax.tokenizer import train_tokenizer
 from tests.hf_util import make_hf_llama
 
@@ -41,9 +41,15 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     text = "The king rode to the castle at night, and the queen waited by the river. 世界 🦊 Once upon a time.\n"
     tok = train_tokenizer([text * 30], 300, d / "tok" / "tokenizer.model")
-    make_hf_llama(d / "model", vocab_size=300, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=96,
+    make_hf_llama(d / "random", vocab_size=300, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=96,
                   max_positions=256)
-    (d / "model" / "tokenizer.model").write_bytes(tok.model_bytes)
+    # Exported as the project exports: AutoTokenizer on it (lm-eval-harness's tokenizer) gives the project's ids.
+    config, params = lj.load_hf_checkpoint(d / "random")
+    lj.save_hf_checkpoint(d / "model", config, params, tok, chat_template=chat.PROJECT_TEMPLATE,
+                          stop_tokens=chat.stop_tokens(tok))
+    # The server then reads tokenizer.model (SentencePiece): a random model emits invalid UTF-8 byte runs, which
+    # SentencePiece decodes byte by byte, so text streamed in pieces equals the whole decode.
+    (d / "model" / "tokenizer.json").unlink()
     port = _free_port()
     log = open(d / "server.log", "w+")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -271,6 +277,59 @@ def test_models_and_health(served):
     status, models = _get(served[1], "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["small"]
     assert _get(served[1], "/health")[1]["slots"] == 16
+
+
+TASK_YAML = """task: llama_jax_local_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.lm_eval
+def test_lm_eval_harness_local_completions_gets_the_library_s_log_likelihoods(served, tmp_path, monkeypatch):
+    """lm-eval-harness's local-completions model pointed at the server: its log-likelihoods equal
+    score_continuations', and its acc / acc_norm equal `python -m llama_jax.eval choice` on the same questions."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from llama_jax import eval as ev
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = served[2]
+    questions = [{"context": "The king rode to the", "choices": ["castle", "river", "fox"], "answer": 0},
+                 {"context": "Once upon a", "choices": ["time", "night"], "answer": 1},
+                 {"context": "the queen waited by the", "choices": ["river", "green", "king"], "answer": 2},
+                 {"context": "世界", "choices": ["🦊", "fox"], "answer": 0}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "task.yaml").write_text(TASK_YAML.format(path=tmp_path / "q.jsonl"))
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["llama_jax_local_choice"], task_manager=TaskManager(include_path=str(
+            tmp_path)), log_samples=True,
+        model_args=f"model=small,base_url={served[0]}/v1/completions,tokenizer={served[2].source.split()[-1]},"
+                   "tokenizer_backend=huggingface,add_bos_token=True,num_concurrent=1,max_retries=1")
+    samples = out["samples"]["llama_jax_local_choice"]
+    ours = ev.choice(ckpt.params, ckpt.config, ckpt.tokenizer, questions)
+    metrics = out["results"]["llama_jax_local_choice"]
+    assert metrics["acc,none"] == pytest.approx(ours["acc"]) and metrics["acc_norm,none"] == pytest.approx(
+        ours["acc_norm"])
+    for sample in samples:
+        q = questions[sample["doc_id"]]
+        pairs = [ev.loglikelihood_request(ckpt.tokenizer, q["context"], " " + c) for c in q["choices"]]
+        expected = score.score_continuations(ckpt.params, ckpt.config, pairs)
+        got = [r[0] for r in sample["resps"]]
+        np.testing.assert_allclose([g[0] for g in got], [e[0] for e in expected], atol=1e-4)
+        assert [bool(g[1]) for g in got] == [e[1] for e in expected]
 
 
 def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
