@@ -421,7 +421,9 @@ def _sample(logits_SV, state, want_logprobs):
         penalised = sampling.apply_repetition_penalty(l, state["seen"], state["penalty"][:, None])
         return jnp.argmax(jnp.where((state["penalty"] != 1.0)[:, None], penalised, l), axis=-1).astype(jnp.int32)
 
-    token_S = jax.lax.cond(jnp.any(state["temperature"] > 0), draw, greedy, logits_SV)
+    # Inactive slots keep their last occupant's settings: only the active ones decide (a draw costs a random
+    # number per vocabulary entry and row).
+    token_S = jax.lax.cond(jnp.any((state["temperature"] > 0) & state["active"]), draw, greedy, logits_SV)
 
     def logprobs(l):
         logp_SV = jax.nn.log_softmax(l, axis=-1)
@@ -468,6 +470,7 @@ def _prefill(params, state, tokens_1P, length, slot, settings, want_logprobs, *,
                                                                    "penalty", "seed")},
                  count=set_("count", 0), seen=state["seen"].at[slot].set(seen_V))
     row = {k: jax.lax.dynamic_slice_in_dim(v, slot, 1) for k, v in state.items() if k not in ("k", "v")}
+    row["active"] = jnp.ones(1, bool)
     token, lp, top_ids, top_lp = _sample(logits_1V, row, want_logprobs)
     state = dict(state, lengths=set_("lengths", length), last=set_("last", token[0]), active=set_("active", True),
                  count=set_("count", 1), seen=state["seen"].at[slot, token[0]].set(True))

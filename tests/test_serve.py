@@ -332,6 +332,54 @@ def test_lm_eval_harness_local_completions_gets_the_library_s_log_likelihoods(se
         assert [bool(g[1]) for g in got] == [e[1] for e in expected]
 
 
+def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served):
+    """The HTTP layer's answers to an engine that cannot take a request (a stand-in engine, so the queue is full
+    on demand)."""
+    import threading
+
+    import uvicorn
+
+    from llama_jax.engine import QueueFull
+    from llama_jax.server import Server
+
+    ckpt = served[2]
+
+    class Busy:
+        tokenizer, config, max_len = ckpt.tokenizer, ckpt.config, 128
+        error = QueueFull("2 requests are waiting (the queue holds 2)")
+
+        def submit(self, request):
+            raise self.error
+
+        def cancel(self, request_id):
+            pass
+
+        def stats(self):
+            return {"ready": True, "slots": 1, "active": 1, "waiting": 2, "steps": 0,
+                    "compilations_after_warm_up": 0}
+
+    engine = Busy()
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(Server(engine, "small", None).app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        for stream in (False, True):
+            status, answer, headers = _post(port, "/v1/completions", {"prompt": "x", "stream": stream})
+            assert status == 429 and headers["retry-after"] == "1" and "busy" in answer["error"]["message"]
+        engine.error = RuntimeError("the engine is shutting down")
+        status, answer, headers = _post(port, "/v1/completions", {"prompt": "x"})
+        assert status == 503 and headers["retry-after"] == "1"
+        status, answer, _ = _post(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and answer["error"]["param"] == "messages"  # no chat template: use completions
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
 def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
     """Last in this module: it stops the server."""
     c, proc = client(served), served[3]
@@ -346,3 +394,4 @@ def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
     assert proc.wait(timeout=60) == 0
     log = served[4].read_text()
     assert "stopped" in log and "Traceback" not in log and "request " in log
+
