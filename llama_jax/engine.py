@@ -148,6 +148,16 @@ class Engine:
         s = self._step(self.params, s, np.bool_(True))[0]
         jax.block_until_ready(_deactivate(s, 0)["lengths"])
         self._state = self._empty_state()
+        # Then requests of each kind through the real path: XLA:CPU prepares some kernels on their first run (a
+        # branch first taken by a user's request cost seconds), and every branch of the step runs here once.
+        log, self.log = self.log, None
+        for r in (Request([0, 1, 2], 4, temperature=0.0),
+                  Request([0, 1, 2], 4, temperature=1.0, top_p=0.9, top_k=5, min_p=0.01, repetition_penalty=1.1,
+                          logprobs=2, seed=0)):
+            self._admit(r)
+            while self._active or self._inflight is not None:
+                self._decode()
+        self.log, self.steps = log, 0
         self._compiles_at_ready = _compile_count()
         self.ready = True
 
