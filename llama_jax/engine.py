@@ -97,8 +97,7 @@ class _Active:
 
 class Engine:
     def __init__(self, params, config: ModelConfig, tokenizer, *, stop_tokens=(), max_batch: int = 16,
-                 max_len: int | None = None, queue_size: int = 256, prompt_buckets: tuple[int, ...] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 max_len: int | None = None, queue_size: int = 256, log: Callable[[str], None] | None = None):
         """`max_len`: tokens per slot (prompt + generation), at most the model's context (default). A prompt
         must leave room for at least one new token."""
         model.check_params(params, config)
@@ -107,7 +106,8 @@ class Engine:
         self.stop_tokens = frozenset(int(t) for t in stop_tokens)
         self.queue_size = queue_size
         powers = (2 ** i for i in range(4, 32))
-        self.buckets = prompt_buckets or tuple(sorted({min(n, self.max_len) for n in powers if n // 2 < self.max_len}))
+        # prompts are padded to a power of two (at least 16) or to max_len: a handful of prefill shapes
+        self.buckets = tuple(sorted({min(n, self.max_len) for n in powers if n // 2 < self.max_len} | {self.max_len}))
         self.log = log
         self.params = model.unstack_layers(params, config.dtype)
         self.score_params = jax.tree.map(jnp.asarray, params)
@@ -151,8 +151,9 @@ class Engine:
         # Then requests of each kind through the real path: XLA:CPU prepares some kernels on their first run (a
         # branch first taken by a user's request cost seconds), and every branch of the step runs here once.
         log, self.log = self.log, None
-        for r in (Request([0, 1, 2], 4, temperature=0.0),
-                  Request([0, 1, 2], 4, temperature=1.0, top_p=0.9, top_k=5, min_p=0.01, repetition_penalty=1.1,
+        prompt = [0] * max(1, min(3, self.max_len - 1))  # leaves room for a new token in any --max-len
+        for r in (Request(prompt, 4, temperature=0.0),
+                  Request(prompt, 4, temperature=1.0, top_p=0.9, top_k=5, min_p=0.01, repetition_penalty=1.1,
                           logprobs=2, seed=0)):
             self._admit(r)
             while self._active or self._inflight is not None:

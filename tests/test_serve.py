@@ -380,6 +380,30 @@ def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served
         thread.join()
 
 
+@pytest.mark.parametrize("max_len", [2, 5])
+def test_an_engine_shorter_than_a_prompt_bucket_still_serves_up_to_its_length(max_len):
+    from llama_jax.engine import Engine, Request
+
+    config = lj.ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)
+    params = lj.init_params(config, jax.random.key(0))
+
+    class Letters:
+        vocab_size = 50
+
+        def decode(self, ids):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    engine = Engine(params, config, Letters(), max_batch=2, max_len=max_len)
+    engine.start()
+    try:
+        out = engine.generate(Request(prompt=[1], max_tokens=10, temperature=0.0), timeout=60)
+        assert engine.buckets[-1] == max_len and engine.stats()["compilations_after_warm_up"] == 0
+        expected = lj.generate(params, config, [[1]], max_new_tokens=max_len - 1, temperature=0.0)[0]
+        assert out.tokens == expected and out.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
 def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
     """Last in this module: it stops the server."""
     c, proc = client(served), served[3]
