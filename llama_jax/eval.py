@@ -57,18 +57,24 @@ def perplexity(params, config, tok, paths, *, window: int | None = None, stride:
         from tqdm import tqdm
 
         bar = tqdm(total=total_tokens, unit="tok", desc="scoring", file=sys.stderr, disable=None)
-    results, nll_all, n_all, bytes_all, docs_all = [], 0.0, 0, 0, 0
     try:
-        for f, docs, n_bytes in encoded:
-            sums = score.nll_of_documents(params, config, docs, stride, batch_tokens,
-                                          progress=bar.update if bar is not None else None, window=window)
-            nll, n = sum(s for s, _ in sums), sum(k for _, k in sums)
-            results.append(_summary(str(f), len(docs), n, n_bytes, nll))
-            nll_all, n_all, bytes_all, docs_all = nll_all + nll, n_all + n, bytes_all + n_bytes, docs_all + len(docs)
+        results = [score_documents(params, config, docs, n_bytes, str(f), window=window, stride=stride,
+                                   batch_tokens=batch_tokens, progress=bar.update if bar is not None else None)
+                   for f, docs, n_bytes in encoded]
     finally:
         if bar is not None:
             bar.close()
-    return {"files": results, "total": _summary("total", docs_all, n_all, bytes_all, nll_all)}
+    total = lambda key: sum(r[key] for r in results)
+    return {"files": results, "total": _summary("total", total("documents"), total("tokens"), total("bytes"),
+                                                sum(r["nll"] * r["tokens"] for r in results if r["tokens"]))}
+
+
+def score_documents(params, config, docs, n_bytes: int, name: str, *, window: int, stride: int,
+                    batch_tokens: int = 8192, progress=None) -> dict:
+    """One set of encoded documents (encode_documents) scored in sliding windows: its summary (see perplexity).
+    Training's train.eval_paths use it too."""
+    sums = score.nll_of_documents(params, config, docs, stride, batch_tokens, progress=progress, window=window)
+    return _summary(name, len(docs), sum(k for _, k in sums), n_bytes, sum(s for s, _ in sums))
 
 
 def encode_documents(tok, paths, text_field: str = "text", separator: str | None = None,

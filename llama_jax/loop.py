@@ -19,10 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax import checkpoint, cli, data, model, score, sharding
+from llama_jax import checkpoint, cli, data, model, sharding
 from llama_jax import train as T
 from llama_jax.config import ConfigError, RunConfig, add_config_flags, dump_yaml, load_run_config, overrides_from_args
-from llama_jax.eval import EvalError, eval_sets
+from llama_jax.eval import EvalError, eval_sets, score_documents
 from llama_jax.hf import CheckpointError
 from llama_jax.llama2c import Llama2cError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
@@ -405,12 +405,10 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0
                     bar.write(f"step {step}: validation loss {val_loss:.4f} "
                               f"(perplexity {np.exp(min(val_loss, 50)):.2f})")
                 for name, (docs, n_bytes) in (evals or {}).items():
-                    sums = score.nll_of_documents(state.params, mc, docs, stride=tc.seq_len // 2, window=tc.seq_len)
-                    nll, n = sum(s for s, _ in sums), sum(k for _, k in sums)
-                    writer.write(step, {f"eval_{name}_loss": nll / n, f"eval_{name}_bpb": score.bits_per_byte(
-                        nll, n_bytes)})
-                    bar.write(f"step {step}: {name} loss {nll / n:.4f} (bits per byte "
-                              f"{score.bits_per_byte(nll, n_bytes):.4f})")
+                    r = score_documents(state.params, mc, docs, n_bytes, name, window=tc.seq_len,
+                                        stride=tc.seq_len // 2)
+                    writer.write(step, {f"eval_{name}_loss": r["nll"], f"eval_{name}_bpb": r["bits_per_byte"]})
+                    bar.write(f"step {step}: {name} loss {r['nll']:.4f} (bits per byte {r['bits_per_byte']:.4f})")
                 t_mark, tokens_mark = time.perf_counter(), step  # evaluation time is not training throughput
             if step % tc.save_every == 0 or step == tc.steps or stop is not None:
                 if pending is not None:

@@ -195,23 +195,13 @@ class Server:
         rid = "cmpl-" + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         texts = {job.index: prompts[job.index // n][1] for job in jobs}
-        if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._stream(request, jobs, head, lambda job, e: self._completion_chunk(job, e), include_usage)
-        try:
-            results = await self._run_all(request, jobs)
-        except BadRequest as e:
-            return error_response(e, self._retry(e))
-        if results is None:
-            return JSONResponse({}, status_code=499)
-        choices = []
-        for job, total in zip(jobs, results):
-            text = (texts[job.index] if echo else "") + total.text
-            lp = None
-            if logprobs is not None:
-                lp = self._completion_logprobs(total, echo, job.request.prompt, texts[job.index])
-            choices.append({"index": job.index, "text": text, "logprobs": lp, "finish_reason": total.finish_reason})
-        return JSONResponse({**head, "choices": choices, "usage": self._usage(jobs, results)})
+
+        def choices(results):
+            return [{"index": job.index, "text": (texts[job.index] if echo else "") + total.text,
+                     "logprobs": None if logprobs is None else self._completion_logprobs(total, echo),
+                     "finish_reason": total.finish_reason} for job, total in zip(jobs, results)]
+
+        return await self._answer(request, body, jobs, stream, head, head, self._completion_chunk, choices)
 
     def _prompts(self, prompt) -> list[tuple[list[int], str]]:
         """(ids, text) per prompt: a string, a list of strings, a list of token ids or a list of such lists."""
@@ -259,7 +249,7 @@ class Server:
                   "text_offset": [0] * len(e.tokens)}
         return {"index": job.index, "text": e.text, "logprobs": lp, "finish_reason": e.finish_reason}
 
-    def _completion_logprobs(self, total: Event, echo: bool, prompt: list[int], prompt_text: str) -> dict:
+    def _completion_logprobs(self, total: Event, echo: bool) -> dict:
         tokens, lps, tops = [], [], []
         if echo and total.prompt_logprobs is not None:
             for t, lp, top in total.prompt_logprobs:
@@ -320,21 +310,15 @@ class Server:
             return error_response(e)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         head = {"id": rid, "created": int(time.time()), "model": self.model_name}
-        if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._stream(request, jobs, {**head, "object": "chat.completion.chunk"},
-                                lambda job, e: self._chat_chunk(job, e), include_usage, first=self._chat_first)
-        try:
-            results = await self._run_all(request, jobs)
-        except BadRequest as e:
-            return error_response(e, self._retry(e))
-        if results is None:
-            return JSONResponse({}, status_code=499)
-        choices = [{"index": job.index, "message": {"role": "assistant", "content": total.text},
-                    "logprobs": self._chat_logprobs(total) if want else None, "finish_reason": total.finish_reason}
-                   for job, total in zip(jobs, results)]
-        return JSONResponse({**head, "object": "chat.completion", "choices": choices,
-                             "usage": self._usage(jobs, results)})
+
+        def choices(results):
+            return [{"index": job.index, "message": {"role": "assistant", "content": total.text},
+                     "logprobs": self._chat_logprobs(total) if want else None, "finish_reason": total.finish_reason}
+                    for job, total in zip(jobs, results)]
+
+        return await self._answer(request, body, jobs, stream, {**head, "object": "chat.completion"},
+                                  {**head, "object": "chat.completion.chunk"}, self._chat_chunk, choices,
+                                  first=self._chat_first)
 
     def _messages(self, messages) -> list[dict]:
         if not isinstance(messages, list) or not messages:
@@ -369,6 +353,20 @@ class Server:
                             for t, v, top in zip(e.tokens, e.logprobs, e.top_logprobs)]}
 
     # --- running jobs -------------------------------------------------------------------------------------------
+
+    async def _answer(self, request, body, jobs, stream, head, chunk_head, chunk, choices, first=None):
+        """The response to checked jobs: server-sent events (chunk(job, event) each), or once all have finished
+        one JSON object with choices(results) and usage."""
+        if stream:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream(request, jobs, chunk_head, chunk, include_usage, first=first)
+        try:
+            results = await self._run_all(request, jobs)
+        except BadRequest as e:
+            return error_response(e, self._retry(e))
+        if results is None:  # the client went away
+            return JSONResponse({}, status_code=499)
+        return JSONResponse({**head, "choices": choices(results), "usage": self._usage(jobs, results)})
 
     def _retry(self, e: BadRequest) -> dict | None:
         return {"Retry-After": str(self.retry_after)} if e.status in (429, 503) else None
