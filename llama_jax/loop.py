@@ -1,11 +1,12 @@
-"""The training run behind `train.py`, as a short sequence of named steps that a notebook can call one by one:
+"""The training run behind `train.py`, as a short sequence of named steps that a notebook can call one by one
+(`run` is exactly this sequence):
 
-    config  -> check_run (refuses what cannot work before anything is written) -> RunLock (one writer)
-    -> initial_state (restore a checkpoint, or init / --init-from) -> prepare_tokenizer -> prepare_data
-    -> write config.yaml -> train_loop -> finish
+    load_config -> check_run (refuses what cannot work, before anything is written) -> prepare_run_dir (one writer)
+    -> initial_state (restore a checkpoint, or init / train.init_from) -> prepare_tokenizer -> prepare_data
+    -> begin_records (config.yaml, metrics) -> train_loop -> finish
 
 Nothing is written to the run directory until every check has passed; config.yaml only once the data is ready.
-Signals, the run directory's lock and several processes are runtime.py's.
+Signals, the run directory's lock and several processes are runtime.py's; the flags are train_cli.py's.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
 from llama_jax import checkpoint, cli, data, model, sharding
 from llama_jax import train as T
-from llama_jax.config import ConfigError, RunConfig, add_config_flags, dump_yaml, load_run_config, overrides_from_args
+from llama_jax.config import ConfigError, RunConfig, dump_yaml, load_run_config
 from llama_jax.eval import EvalError, eval_sets, score_documents
 from llama_jax.hf import CheckpointError
 from llama_jax.llama2c import Llama2cError
 from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
-from llama_jax.runtime import Interrupted, RunLock, Signals, on_process_zero, start_distributed, stop_requested
+from llama_jax.runtime import RunLock, Signals, on_process_zero, stop_requested
 from llama_jax.shakespeare import default_corpus
 from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
 
@@ -40,70 +42,33 @@ ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, c
           CheckpointError, Llama2cError, EvalError, TrainingDiverged)
 
 
-def parse_args(argv=None):
-    p = cli.ArgumentParser(
-        prog="train.py", description="Pretrain or fine-tune a LLaMA-style model.",
-        epilog="Every config field below can be given as --section.key VALUE or --section.key=VALUE; values are "
-               "YAML scalars ('--data.separator=\\n\\n' is two newlines).")
-    p.add_argument("--config", help="YAML preset with model/data/train sections (configs/*.yaml)")
-    p.add_argument("--run-dir", help="directory for checkpoints, metrics and the tokenizer (default: runs/<config>)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
-    p.add_argument("--init-from", help="start from these weights: a run directory, a Hugging Face Llama directory "
-                                       "or a llama2.c .bin file (same as --train.init_from)")
-    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4,tensor=1 (same as --train.mesh)")
-    p.add_argument("--coordinator", help="multi-host: address:port of process 0 (calls jax.distributed.initialize)")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    p.add_argument("--distributed-timeout", type=int, default=300,
-                   help="multi-host: seconds to wait for all processes to connect, and to shut down together")
-    p.add_argument("--heartbeat-timeout", type=int, default=100,
-                   help="multi-host: seconds without a heartbeat after which a process counts as dead")
-    add_config_flags(p)
-    args, rest = p.parse_known_args(argv)
-    for item in rest:
-        key = item[2:].split("=")[0] if item.startswith("--") else ""
-        section, dot, name = key.partition(".")
-        if dot and section in ("model", "data", "train"):
-            from llama_jax.config import SECTIONS
-
-            known = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
-            p.error(f"unknown key {key} (known: {known})")
-        p.error(f"unrecognized argument {item!r}")
-    overrides = overrides_from_args(args)
-    if args.mesh is not None:
-        overrides.append(f"train.mesh={args.mesh}")
-    if args.init_from is not None:
-        overrides.append(f"train.init_from={args.init_from}")
-    multi = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in multi) and not all(v is not None for v in multi):
-        p.error("--coordinator, --num-processes and --process-id go together")
-    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-        p.error(f"--process-id {args.process_id} must be in [0, --num-processes={args.num_processes})")
-    return args, overrides
-
-
-def main(argv=None) -> int:
-    signals = Signals()
-    cli.quiet_library_noise()
+def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | None = None) -> dict:
+    """Trains per the config (a YAML preset and --section.key=value overrides); returns {"val_loss",
+    "checkpoint", "step", "compile_s", "stopped_by"}. Each line is one step; a notebook can call them itself."""
+    run_dir = Path(run_dir or Path("runs") / (Path(config_path).stem if config_path else "default"))
+    config = load_config(config_path, overrides, run_dir, resume)
+    mesh = check_run(config, run_dir, resume)
+    own_signals, signals = signals is None, signals or Signals()
+    lock = prepare_run_dir(run_dir)
     try:
-        args, overrides = parse_args(argv)
-        if args.coordinator:
-            start_distributed(args)
-        run(args.config, overrides, args.run_dir, args.resume, signals)
-    except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
-        return e.code if isinstance(e.code, int) else cli.USER_ERROR
-    except ERRORS as e:
-        return cli.fail(str(e))
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        return 128 + e.signum
+        start = initial_state(config, run_dir, mesh, resume)
+        config, corpus = start.config, start.config.data.path or default_corpus()
+        tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, start.tokenizer, start.meta))
+        splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=_is_main()))
+        dc = config.data
+        evals = eval_sets(config.train.eval_paths, tok, dc.text_field, dc.separator, dc.utf8_errors)
+        begin_records(config, run_dir, start)
+        result = train_loop(config, run_dir, mesh, start, tok, splits, signals, evals)
+        return finish(run_dir, result)
     finally:
-        signals.restore()
-    return 0
+        if lock is not None:
+            lock.release()
+        if own_signals:
+            signals.restore()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The steps of a run.
+# The steps, in the order run() takes them.
 
 
 def load_config(config_path, overrides, run_dir: Path, resume: bool) -> RunConfig:
@@ -140,10 +105,32 @@ def check_run(config: RunConfig, run_dir: Path, resume: bool):
     return mesh
 
 
-def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool):
-    """(config, state, step, loader state, restored meta or None, init_from's tokenizer or None). Resuming restores
-    the newest usable checkpoint onto the mesh; otherwise parameters are initialised or taken from
-    train.init_from (whose model config then replaces ours, execution switches aside)."""
+def prepare_run_dir(run_dir: Path) -> RunLock | None:
+    """Creates the run directory and takes its lock (process 0; the others write nothing there). Release it with
+    `.release()` when the run ends."""
+    if not _is_main():
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunLock(run_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run starts: its config (train.init_from's model config replaces ours), the train state on the mesh
+    and its shardings, the step and the loader's position; and, when resuming, the restored checkpoint's metadata,
+    or when starting from train.init_from, that checkpoint's tokenizer."""
+    config: RunConfig
+    state: T.TrainState
+    state_shard: Any
+    step: int
+    loader: data.LoaderState
+    meta: dict | None = None
+    tokenizer: Tokenizer | None = None
+
+
+def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start:
+    """Resuming restores the newest usable checkpoint onto the mesh; otherwise parameters are initialised or taken
+    from train.init_from (whose model config then replaces ours, execution switches aside)."""
     init_tok, init_params = None, None
     if config.train.init_from and not resume:
         init_tok, model_config, init_params = _init_weights(config)
@@ -164,10 +151,10 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool):
             raise checkpoint.ResumeError(f"--resume: no usable checkpoint left in {ckpt_dir} (the damaged ones were "
                                          "moved aside as STEP.bad)")
         step, state, meta = got
-        return config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta, None
+        return Start(config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta)
     init = jax.jit(lambda key, p: T.init_state(mc, tc, key, p), out_shardings=state_shard)
     state = init(jax.random.key(tc.seed), init_params)
-    return config, state, state_shard, 0, data.LoaderState(seed=tc.seed), None, init_tok
+    return Start(config, state, state_shard, 0, data.LoaderState(seed=tc.seed), tokenizer=init_tok)
 
 
 def _init_weights(config: RunConfig):
@@ -289,134 +276,67 @@ def prepare_data(config: RunConfig, run_dir: Path, corpus, tok, progress: bool):
     return data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
 
 
-def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | None = None) -> dict:
-    """Trains per the config; returns {"val_loss", "checkpoint", "step", "compile_s"}."""
-    run_dir = Path(run_dir or Path("runs") / (Path(config_path).stem if config_path else "default"))
-    config = load_config(config_path, overrides, run_dir, resume)
-    mesh = check_run(config, run_dir, resume)
-    is_main = jax.process_index() == 0
-    own_signals = signals is None
-    signals = signals or Signals()
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir) if is_main else None
-    try:
-        config, state, state_shard, step0, loader_state, meta, init_tok = initial_state(config, run_dir, mesh,
-                                                                                        resume)
-        corpus = config.data.path or default_corpus()
-        tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, init_tok, meta))
-        splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=is_main))
-        evals = eval_sets(config.train.eval_paths, tok, config.data.text_field, config.data.separator,
-                          config.data.utf8_errors)
-        if is_main:
-            dump_yaml(config, run_dir / "config.yaml")  # every check has passed
-            if meta is not None:
-                print(f"resumed from {run_dir / 'checkpoints' / str(step0)}", file=sys.stderr)
-                truncate_after(run_dir / "metrics.jsonl", step0)
-            else:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        return train_loop(config, run_dir, mesh, state, state_shard, step0, loader_state, tok, splits, signals,
-                          evals)
-    finally:
-        if lock is not None:
-            lock.release()
-        if own_signals:
-            signals.restore()
+def begin_records(config: RunConfig, run_dir: Path, start: Start) -> None:
+    """Every check has passed: config.yaml is written, and metrics.jsonl is cut back to the resumed step (or
+    started afresh)."""
+    if not _is_main():
+        return
+    dump_yaml(config, run_dir / "config.yaml")
+    if start.meta is not None:
+        print(f"resumed from {run_dir / 'checkpoints' / str(start.step)}", file=sys.stderr)
+        truncate_after(run_dir / "metrics.jsonl", start.step)
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0: int, loader_state, tok, splits,
-               signals: Signals, evals: dict | None = None) -> dict:
-    """The steps, with validation (and the train.eval_paths sets: eval.eval_sets) every eval_every steps and a
-    checkpoint every save_every."""
+def train_loop(config: RunConfig, run_dir: Path, mesh, start: Start, tok, splits, signals: Signals,
+               evals: dict | None = None) -> dict:
+    """The steps from start.step to train.steps: validation (and the train.eval_paths sets, see eval.eval_sets)
+    every eval_every steps, a checkpoint every save_every, and one when a signal asks the run to stop."""
     mc, tc = config.model, config.train
-    is_main = jax.process_index() == 0
     train_split, val_split = splits
     ckpt_dir = run_dir / "checkpoints"
-    batch_shard = sharding.batch_sharding(mesh)
-    per_process = tc.batch_size // jax.process_count()
-    loader = data.Loader(train_split, tc.seq_len, per_process, loader_state, config.data.document_masking,
-                         jax.process_index(), jax.process_count())
-    step_fn, eval_fn = T.jit_steps(mc, tc, state_shard, batch_shard)
-    peak = tc.peak_flops or T.measure_peak_flops(mc.dtype)
-    flops_per_step = model.flops_per_token(mc, tc.seq_len) * tc.batch_size * tc.seq_len
+    loader = data.Loader(train_split, tc.seq_len, tc.batch_size // jax.process_count(), start.loader,
+                         config.data.document_masking, jax.process_index(), jax.process_count())
+    step_fn, eval_fn = T.jit_steps(mc, tc, start.state_shard, sharding.batch_sharding(mesh))
     if val_split.n_tokens < 2:
         print("warning: the validation split is empty (too few documents for data.val_fraction="
               f"{config.data.val_fraction}); training without validation", file=sys.stderr)
-
-    def evaluate(params) -> float | None:
-        total = count = 0.0
-        for b in data.eval_batches(val_split, tc.seq_len, tc.batch_size, tc.eval_batches,
-                                   config.data.document_masking):
-            if jax.process_count() > 1:  # each process feeds its slice of the same global batch
-                b = {k: np.array_split(v, jax.process_count())[jax.process_index()] for k, v in b.items()}
-            ce, n = eval_fn(state.params, sharding.global_batch(b, mesh))
-            total, count = total + float(ce), count + float(n)
-        return total / count if count else None
-
-    mgr = checkpoint.manager(ckpt_dir, keep=tc.keep_checkpoints)
-
-    def save(step: int):
-        meta = {"step": step, "loader": loader.state.to_dict(), "config": config.to_dict(),
-                **checkpoint.tokenizer_meta(tok)}
-        checkpoint.save(mgr, step, state, meta, where=ckpt_dir)  # meta holds the tokenizer's files too
-
     from tqdm import tqdm
 
-    step = step0
-    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, dynamic_ncols=True, unit="step")
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    pending, last_saved, val_loss, stop = None, step0 if step0 else -1, None, None
-    t_mark, tokens_mark, compile_s = None, 0, None
+    state, step = start.state, start.step
+    mgr = checkpoint.manager(ckpt_dir, keep=tc.keep_checkpoints)
+    bar = tqdm(total=tc.steps, initial=step, disable=not _is_main(), dynamic_ncols=True, unit="step")
+    writer = MetricsWriter(run_dir, enabled=_is_main())
+    clock = _Throughput(config, step)
+    pending, last_saved, val_loss, stop, compile_s = None, step if step else -1, None, None, None
     batches = iter(loader)
     signals.training = True
     try:
         while step < tc.steps and stop is None:
-            batch, _ = next(batches)
-            gbatch = sharding.global_batch(batch, mesh)
+            gbatch = sharding.global_batch(next(batches)[0], mesh)
             if compile_s is None:
-                t0 = time.perf_counter()
-                step_fn = step_fn.lower(state, gbatch).compile()
-                compile_s = time.perf_counter() - t0
-                print(f"compiled the train step in {compile_s:.1f}s ({model.param_count(mc) / 1e6:.2f}M parameters,"
-                      f" mesh {dict(mesh.shape)})", file=sys.stderr)
+                step_fn, compile_s = _compile(step_fn, state, gbatch, mc, mesh)
             state, metrics = step_fn(state, gbatch)
             step += 1
             if pending is not None:  # fetched one step late so the device never waits for the host
                 _log(*pending, writer, bar, tc)
-            pending = (step, metrics, None)
-            if t_mark is None:
-                jax.block_until_ready(metrics)
-                t_mark, tokens_mark = time.perf_counter(), step
-            elif step % tc.log_every == 0 or step == tc.steps:
-                jax.block_until_ready(metrics)
-                elapsed = time.perf_counter() - t_mark
-                rate = (step - tokens_mark) * tc.batch_size * tc.seq_len / elapsed
-                mfu = rate / (tc.batch_size * tc.seq_len) * flops_per_step / (peak * jax.device_count())
-                pending = (step, metrics, {"tok_per_s": rate, "mfu": mfu})
-                t_mark, tokens_mark = time.perf_counter(), step
+            pending = (step, metrics, clock.tick(step, metrics))
             stop = stop_requested(signals)
             if step % tc.eval_every == 0 or step == tc.steps:
                 _log(*pending, writer, bar, tc)
                 pending = None
-                val_loss = evaluate(state.params)
-                if val_loss is not None:
-                    writer.write(step, {"val_loss": val_loss, "val_ppl": np.exp(min(val_loss, 50)),
-                                        "tokens_seen": step * tc.batch_size * tc.seq_len})
-                    bar.write(f"step {step}: validation loss {val_loss:.4f} "
-                              f"(perplexity {np.exp(min(val_loss, 50)):.2f})")
-                for name, (docs, n_bytes) in (evals or {}).items():
-                    r = score_documents(state.params, mc, docs, n_bytes, name, window=tc.seq_len,
-                                        stride=tc.seq_len // 2)
-                    writer.write(step, {f"eval_{name}_loss": r["nll"], f"eval_{name}_bpb": r["bits_per_byte"]})
-                    bar.write(f"step {step}: {name} loss {r['nll']:.4f} (bits per byte {r['bits_per_byte']:.4f})")
-                t_mark, tokens_mark = time.perf_counter(), step  # evaluation time is not training throughput
+                val_loss = validate(config, state.params, eval_fn, val_split, evals, mesh, step, writer, bar)
+                clock.restart(step)  # evaluation time is not training throughput
             if step % tc.save_every == 0 or step == tc.steps or stop is not None:
                 if pending is not None:
                     _log(*pending, writer, bar, tc)  # checks the loss and gradient are finite before saving
                     pending = None
-                save(step)
+                meta = {"step": step, "loader": loader.state.to_dict(), "config": config.to_dict(),
+                        **checkpoint.tokenizer_meta(tok)}  # the tokenizer's files travel with the weights
+                checkpoint.save(mgr, step, state, meta, where=ckpt_dir)
                 last_saved = step
-                t_mark, tokens_mark = time.perf_counter(), step
+                clock.restart(step)
             elif last_saved > 0:
                 checkpoint.finish_saving(mgr, ckpt_dir, block=False)  # a failed asynchronous save stops the run
         if pending is not None:
@@ -426,16 +346,92 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, state, state_shard, step0
         bar.close()
         checkpoint.close(mgr)  # waits for a save in flight, so the newest good checkpoint is complete
         writer.close()
-    if stop is not None:
-        print(f"stopped by {stop} after step {step}; saved {ckpt_dir / str(last_saved)} "
+    return {"val_loss": val_loss, "checkpoint": str(ckpt_dir / str(last_saved)), "step": step,
+            "compile_s": compile_s, "stopped_by": stop}
+
+
+def finish(run_dir: Path, result: dict) -> dict:
+    """Says how the run ended (and how to continue a stopped one), and draws loss.png; returns the result."""
+    if result["stopped_by"] is not None:
+        print(f"stopped by {result['stopped_by']} after step {result['step']}; saved {result['checkpoint']} "
               f"(continue with --resume --run-dir {run_dir})", file=sys.stderr)
-    if is_main:
+    if _is_main():
         plot_loss(run_dir)
-    path = ckpt_dir / str(last_saved)
+    if result["val_loss"] is not None:
+        loss = result["val_loss"]
+        print(f"validation loss {loss:.4f} (perplexity {np.exp(min(loss, 50)):.2f}) at step {result['step']}")
+    print(f"checkpoint: {result['checkpoint']}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inside the loop.
+
+
+def validate(config: RunConfig, params, eval_fn, val_split, evals: dict | None, mesh, step: int, writer,
+             bar) -> float | None:
+    """The validation loss over train.eval_batches batches (None when the split is empty), and the
+    train.eval_paths sets scored in windows of train.seq_len; both written to the metrics. Returns the loss."""
+    tc = config.train
+    total = count = 0.0
+    for b in data.eval_batches(val_split, tc.seq_len, tc.batch_size, tc.eval_batches,
+                               config.data.document_masking):
+        if jax.process_count() > 1:  # each process feeds its slice of the same global batch
+            b = {k: np.array_split(v, jax.process_count())[jax.process_index()] for k, v in b.items()}
+        ce, n = eval_fn(params, sharding.global_batch(b, mesh))
+        total, count = total + float(ce), count + float(n)
+    val_loss = total / count if count else None
     if val_loss is not None:
-        print(f"validation loss {val_loss:.4f} (perplexity {np.exp(min(val_loss, 50)):.2f}) at step {step}")
-    print(f"checkpoint: {path}")
-    return {"val_loss": val_loss, "checkpoint": str(path), "step": step, "compile_s": compile_s}
+        ppl = np.exp(min(val_loss, 50))
+        writer.write(step, {"val_loss": val_loss, "val_ppl": ppl, "tokens_seen": step * tc.batch_size * tc.seq_len})
+        bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl:.2f})")
+    for name, (docs, n_bytes) in (evals or {}).items():
+        r = score_documents(params, config.model, docs, n_bytes, name, window=tc.seq_len, stride=tc.seq_len // 2)
+        writer.write(step, {f"eval_{name}_loss": r["nll"], f"eval_{name}_bpb": r["bits_per_byte"]})
+        bar.write(f"step {step}: {name} loss {r['nll']:.4f} (bits per byte {r['bits_per_byte']:.4f})")
+    return val_loss
+
+
+def _compile(step_fn, state, gbatch, mc, mesh):
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, gbatch).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"compiled the train step in {compile_s:.1f}s ({model.param_count(mc) / 1e6:.2f}M parameters, mesh "
+          f"{dict(mesh.shape)})", file=sys.stderr)
+    return compiled, compile_s
+
+
+class _Throughput:
+    """Tokens per second and model FLOPs utilisation over the steps since the last mark; time spent validating or
+    saving is left out (restart)."""
+
+    def __init__(self, config: RunConfig, step: int):
+        tc = config.train
+        self.tc, self.step, self.t = tc, step, None
+        self.peak = tc.peak_flops or T.measure_peak_flops(config.model.dtype)
+        self.flops_per_token = model.flops_per_token(config.model, tc.seq_len)
+
+    def tick(self, step: int, metrics) -> dict | None:
+        """The rates at log_every steps (waiting for the step to finish), else None."""
+        tc = self.tc
+        if self.t is None:  # the first step compiled and warmed up: start timing after it
+            jax.block_until_ready(metrics)
+            self.restart(step)
+            return None
+        if step % tc.log_every and step != tc.steps:
+            return None
+        jax.block_until_ready(metrics)
+        rate = (step - self.step) * tc.batch_size * tc.seq_len / (time.perf_counter() - self.t)
+        rates = {"tok_per_s": rate, "mfu": rate * self.flops_per_token / (self.peak * jax.device_count())}
+        self.restart(step)
+        return rates
+
+    def restart(self, step: int) -> None:
+        self.step, self.t = step, time.perf_counter()
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
 
 
 def _log(step, metrics, rates, writer, bar, tc):

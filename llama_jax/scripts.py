@@ -14,7 +14,7 @@ def _run(module: str) -> int:
 
 
 def train() -> int:
-    return _run("loop")
+    return _run("train_cli")
 
 
 def generate() -> int:
@@ -22,7 +22,7 @@ def generate() -> int:
 
 
 def serve() -> int:
-    return _run("server")
+    return _run("serve_cli")
 
 
 def evaluate() -> int:

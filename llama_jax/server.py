@@ -1,18 +1,18 @@
-"""The OpenAI-compatible HTTP layer (Starlette + uvicorn) over the continuous-batching engine (engine.py).
+"""The OpenAI-compatible HTTP layer (a Starlette app, served by uvicorn: serve_cli.py) over the continuous-batching
+engine (engine.py).
 
     python serve.py --checkpoint runs/tiny          # then: curl http://127.0.0.1:8000/v1/completions ...
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions; streaming as server-sent
-events ending with `data: [DONE]`. Requests are checked here, field by field: a bad one gets OpenAI's error object
-(400 naming the parameter, 404 for an unknown model, 429 with Retry-After when the queue is full) and the server
-keeps serving. A client that disconnects cancels its request, which frees its slot.
+events ending with `data: [DONE]`. Requests are checked field by field (openai_request.py): a bad one gets OpenAI's
+error object (400 naming the parameter, 404 for an unknown model, 429 with Retry-After when the queue is full) and
+the server keeps serving. A client that disconnects cancels its request, which frees its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import numbers
 import time
 import uuid
 
@@ -22,17 +22,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from llama_jax import chat
+from llama_jax import openai_request as req
 from llama_jax.engine import TOP_LOGPROBS, Engine, Event, QueueFull, Request
-
-MAX_N = 16  # choices per request
-MAX_STOP = 4  # stop strings per request, as OpenAI allows
-MAX_BODY = 8 << 20  # bytes of a request body
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
+from llama_jax.openai_request import MAX_BODY, MAX_N, BadRequest, sampling_fields
 
 
 def error_response(e: BadRequest, headers: dict | None = None) -> JSONResponse:
@@ -40,82 +32,6 @@ def error_response(e: BadRequest, headers: dict | None = None) -> JSONResponse:
                                                                                               "invalid_request_error")
     return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}},
                         status_code=e.status, headers=headers)
-
-
-# --- request fields ---------------------------------------------------------------------------------------------
-
-def _number(body, name, default, low=None, high=None, low_open=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        raise BadRequest(f"{name} must be a number, got {json.dumps(v)[:40]}", name)
-    if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise BadRequest(f"{name}={v} is out of range {bounds}", name)
-    return float(v)
-
-
-def _integer(body, name, default, low=None, high=None):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise BadRequest(f"{name} must be an integer, got {json.dumps(v)[:40]}", name)
-    if (low is not None and v < low) or (high is not None and v > high):
-        raise BadRequest(f"{name}={v} must be " + (f">= {low}" if high is None else f"in [{low}, {high}]"), name)
-    return v
-
-
-def _boolean(body, name, default=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise BadRequest(f"{name} must be true or false, got {json.dumps(v)[:40]}", name)
-    return v
-
-
-def _stop(body):
-    v = body.get("stop")
-    if v is None:
-        return ()
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise BadRequest("stop must be a non-empty string or a list of them", "stop")
-    if len(stops) > MAX_STOP:
-        raise BadRequest(f"stop: at most {MAX_STOP} strings, got {len(stops)}", "stop")
-    return tuple(stops)
-
-
-# Parameters of the OpenAI API this server does not implement: refused unless given their neutral value.
-UNSUPPORTED = {"suffix": None, "best_of": 1, "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0,
-               "tools": None, "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
-               "parallel_tool_calls": None, "audio": None, "modalities": None, "prediction": None}
-COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
-          "top_k", "min_p", "repetition_penalty", "logprobs"}
-KNOWN = {"completions": COMMON | {"prompt", "echo"},
-         "chat": COMMON | {"messages", "top_logprobs", "max_completion_tokens", "store", "metadata"}}
-
-
-def _check_fields(body, kind):
-    for name, neutral in UNSUPPORTED.items():
-        if name in body and body[name] not in (None, neutral, {}, []):
-            raise BadRequest(f"{name} is not supported by this server", name, code="unsupported_parameter")
-    unknown = sorted(set(body) - KNOWN[kind] - set(UNSUPPORTED))
-    if unknown:
-        raise BadRequest(f"unknown parameter: {unknown[0]}", unknown[0], code="unknown_parameter")
-
-
-def sampling_fields(body) -> dict:
-    top_k = _integer(body, "top_k", 0, -1)
-    return {"temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-            "top_k": 0 if top_k == -1 else top_k,
-            "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
-            "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, None, low_open=True),
-            "seed": _integer(body, "seed", None, -(1 << 63), (1 << 64) - 1),
-            "stop": _stop(body)}
 
 
 # --- the app ----------------------------------------------------------------------------------------------------
@@ -165,7 +81,7 @@ class Server:
             raise BadRequest(f"the request body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        _check_fields(body, kind)
+        req.check_fields(body, kind)
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise BadRequest(f"the model {model!r} does not exist (this server has {self.model_name!r})", "model",
@@ -178,11 +94,11 @@ class Server:
         try:
             body = await self._body(request, "completions")
             prompts = self._prompts(body.get("prompt"))
-            n = _integer(body, "n", 1, 1, MAX_N)
-            echo = _boolean(body, "echo")
-            logprobs = _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
-            max_tokens = _integer(body, "max_tokens", 16, 0)
-            stream = _boolean(body, "stream")
+            n = req.integer(body, "n", 1, 1, MAX_N)
+            echo = req.boolean(body, "echo")
+            logprobs = req.integer(body, "logprobs", None, 0, TOP_LOGPROBS)
+            max_tokens = req.integer(body, "max_tokens", 16, 0)
+            stream = req.boolean(body, "stream")
             if stream and echo and max_tokens == 0:
                 raise BadRequest("echo with max_tokens 0 and stream is not supported; do not stream it", "stream")
             if max_tokens == 0 and not echo:
@@ -294,18 +210,18 @@ class Server:
                 ids = chat.encode_conversation(self.tok, self.template, messages, add_generation_prompt=True)
             except chat.ChatTemplateError as e:
                 raise BadRequest(str(e), "messages") from None
-            n = _integer(body, "n", 1, 1, MAX_N)
-            want = _boolean(body, "logprobs")
-            top = _integer(body, "top_logprobs", None, 0, TOP_LOGPROBS)
+            n = req.integer(body, "n", 1, 1, MAX_N)
+            want = req.boolean(body, "logprobs")
+            top = req.integer(body, "top_logprobs", None, 0, TOP_LOGPROBS)
             if top is not None and not want:
                 raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-            limit = _integer(body, "max_completion_tokens", None, 1)
-            limit = _integer(body, "max_tokens", limit, 1)
+            limit = req.integer(body, "max_completion_tokens", None, 1)
+            limit = req.integer(body, "max_tokens", limit, 1)
             room = self.engine.max_len - len(ids)
             fields = sampling_fields(body)
             jobs = [self._request(ids, room if limit is None else limit, fields, (top or 0) if want else None,
                                   False, j, n) for j in range(n)]
-            stream = _boolean(body, "stream")
+            stream = req.boolean(body, "stream")
         except BadRequest as e:
             return error_response(e)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -466,87 +382,3 @@ class _Job:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def main(argv=None) -> int:
-    """serve.py: load a checkpoint, compile, then serve until Ctrl-C / SIGTERM (which ends the requests in flight,
-    then exits 0)."""
-    import signal
-    import socket
-    import sys
-    from pathlib import Path
-
-    from llama_jax.cli import ArgumentParser, fail, quiet_library_noise
-
-    quiet_library_noise()
-    p = ArgumentParser(prog="serve.py", description="An OpenAI-compatible server (completions, chat) over a "
-                                                    "checkpoint, batching concurrent requests.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a training run directory, a Hugging Face Llama directory or a llama2.c .bin file")
-    p.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
-    p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
-    p.add_argument("--max-len", type=int, help="tokens per request, prompt included (default: the context)")
-    p.add_argument("--queue", type=int, default=256, help="requests that may wait for a slot before 429s")
-    p.add_argument("--model-name", help="the model's id in the API (default: the checkpoint's file name)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype (default: float32 on a CPU, the checkpoint's elsewhere)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as err:
-        return err.code if isinstance(err.code, int) else 2
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-len", args.max_len, 2),
-                             ("--queue", args.queue, 1), ("--port", args.port, 0)):
-        if value is not None and value < low:
-            return fail(f"{flag}={value} must be >= {low}")
-    try:  # refuse a busy port before spending minutes loading and compiling
-        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((args.host, args.port))
-    except OSError as e:
-        return fail(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})")
-
-    import jax
-    import uvicorn
-
-    from llama_jax.chat import ChatTemplateError
-    from llama_jax.checkpoint import ResumeError
-    from llama_jax.config import ConfigError
-    from llama_jax.hf import CheckpointError
-    from llama_jax.llama2c import Llama2cError
-    from llama_jax.load import load_checkpoint
-    from llama_jax.tokenizer import TokenizerError
-
-    log = lambda line: print(line, file=sys.stderr, flush=True)
-    try:
-        ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
-        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else ckpt.config.dtype)
-        if args.max_len is not None and args.max_len > ckpt.config.max_seq_len:
-            raise ConfigError(f"--max-len={args.max_len} exceeds the model's context of {ckpt.config.max_seq_len}")
-        log(f"loaded {ckpt.source}; compiling for {args.max_batch} slots of "
-            f"{args.max_len or ckpt.config.max_seq_len} tokens")
-        engine = Engine(ckpt.params, ckpt.config.replace(dtype=dtype), ckpt.tokenizer, stop_tokens=ckpt.stop_tokens,
-                        max_batch=args.max_batch, max_len=args.max_len, queue_size=args.queue, log=log)
-        engine.start()
-    except (ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError, ChatTemplateError) as e:
-        return fail(str(e))
-    except KeyboardInterrupt:
-        log("interrupted while starting")
-        return 130
-    name = args.model_name or Path(args.checkpoint).resolve().name.removesuffix(".bin")
-    server = Server(engine, name, ckpt.chat_template)
-    config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=30, lifespan="off")
-    log(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
-    # uvicorn stops on SIGINT/SIGTERM once the requests in flight have ended, then raises the signal again for
-    # the handler that was there before it: ours, so that a requested stop exits 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        uvicorn.Server(config).run()
-    except KeyboardInterrupt:
-        pass
-    engine.stop(drain=False, timeout=10)
-    log("stopped")
-    return 0

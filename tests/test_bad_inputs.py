@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax import generate_cli, hf, loop, tokenizer
+from llama_jax import generate_cli, hf, tokenizer, train_cli
 from llama_jax.runtime import RunLock
 
 WORDS = "the king queen castle sword crown night day love war peace river stone fire".split()
@@ -37,8 +37,8 @@ def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
     corpus = write_corpus(root / "corpus")
     run = root / "run"
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=6",
-                             "--train.save_every=2"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=6",
+                                  "--train.save_every=2"]) == 0
     return {"root": root, "corpus": corpus, "run": run}
 
 
@@ -81,7 +81,7 @@ def assert_one_error_line(err: str, *needles: str):
         assert needle in errors[0], (needle, errors[0])
 
 
-TOOLS = {"train": loop.main, "generate": generate_cli.main, "hf": hf.main, "tokenizer": tokenizer.main}
+TOOLS = {"train": train_cli.main, "generate": generate_cli.main, "hf": hf.main, "tokenizer": tokenizer.main}
 
 
 def _case(tool, argv, needles, setup=None, watch="run", code=2):
@@ -267,20 +267,20 @@ def test_a_second_writer_is_refused_while_the_run_directory_is_in_use(good, tmp_
     lock = RunLock(run)  # what a running train.py holds
     try:
         before = snapshot(run)
-        assert loop.main(TINY + ["--run-dir", str(run), "--resume", f"--data.path={good['corpus']}",
-                                 "--train.steps=8"]) == 2
+        assert train_cli.main(TINY + ["--run-dir", str(run), "--resume", f"--data.path={good['corpus']}",
+                                      "--train.steps=8"]) == 2
         assert_one_error_line(capsys.readouterr().err, f"{run} is in use by another train.py (pid {os.getpid()})")
         assert snapshot(run) == before
     finally:
         lock.release()
     # Released (as on any exit of the holder): the same command now runs.
-    assert loop.main(TINY + ["--run-dir", str(run), "--resume", f"--data.path={good['corpus']}",
-                             "--train.steps=8"]) == 0
+    assert train_cli.main(TINY + ["--run-dir", str(run), "--resume", f"--data.path={good['corpus']}",
+                                  "--train.steps=8"]) == 0
 
 
 def test_help_lists_every_config_key_with_type_and_default(capsys):
     with pytest.raises(SystemExit) as e:
-        loop.parse_args(["--help"])
+        train_cli.parse_args(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     import dataclasses
@@ -291,15 +291,15 @@ def test_help_lists_every_config_key_with_type_and_default(capsys):
         for f in dataclasses.fields(cls):
             assert f"--{section}.{f.name}" in text, f.name
     assert "(default: 0.05)" in text and "share of documents held out for validation" in text
-    assert loop.main(["--help"]) == 0
+    assert train_cli.main(["--help"]) == 0
     capsys.readouterr()
     assert generate_cli.main(["--help"]) == 0
     assert "(default: 0.8)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_flags_take_a_value_after_a_space_or_an_equals_sign_as_yaml_scalars():
-    _, a = loop.parse_args(["--data.path", "my_corpus/**/*.txt", "--train.steps", "5", "--data.separator=\\n\\n"])
-    _, b = loop.parse_args(["--data.path=my_corpus/**/*.txt", "--train.steps=5", "--data.separator", "\\n\\n"])
+    _, a = train_cli.parse_args(["--data.path", "my_corpus/**/*.txt", "--train.steps", "5", "--data.separator=\\n\\n"])
+    _, b = train_cli.parse_args(["--data.path=my_corpus/**/*.txt", "--train.steps=5", "--data.separator", "\\n\\n"])
     from llama_jax.config import load_run_config
 
     for overrides in (a, b):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, generate_cli, hf, loop
+from llama_jax import checkpoint, generate_cli, hf, train_cli
 from llama_jax.metrics import read_metrics
 from tests.test_bad_inputs import TINY, assert_one_error_line, generate_cli_text, write_corpus
 
@@ -32,8 +32,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, corpus):
     run = tmp_path_factory.mktemp("good") / "run"
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=6",
-                             "--train.save_every=2"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=6",
+                                  "--train.save_every=2"]) == 0
     return run
 
 
@@ -108,13 +108,13 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_previous_one_used(good, co
     DAMAGE[damage](shutil.copytree(good / "checkpoints" / "6", run / "checkpoints" / "6"))  # damaged again
     common = TINY + [f"--data.path={corpus}", "--train.save_every=2"]
     if reader == "resume":
-        assert loop.main(common + ["--run-dir", str(run), "--resume", "--train.steps=8"]) == 0
+        assert train_cli.main(common + ["--run-dir", str(run), "--resume", "--train.steps=8"]) == 0
         # The step that was set aside is saved again (no "step already exists").
         assert sorted(checkpoint.step_dirs(run / "checkpoints")) == [4, 6, 8]
         assert (run / "checkpoints" / "6.bad.1").is_dir()
     elif reader == "init-from":
-        assert loop.main(common + ["--run-dir", str(tmp_path / "ft"), "--init-from", str(run),
-                                   "--train.steps=2"]) == 0
+        assert train_cli.main(common + ["--run-dir", str(tmp_path / "ft"), "--init-from", str(run),
+                                        "--train.steps=2"]) == 0
     else:
         assert hf.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
         config, params = hf.load_hf_checkpoint(tmp_path / "hf")
@@ -140,7 +140,7 @@ def _wait_for_rows(run, n, proc, timeout=120):
 def test_sigkill_during_frequent_saves_then_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     args = ["--train.steps=30", "--train.save_every=1", "--train.keep_checkpoints=2"]
     ref = tmp_path / "ref"
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(ref), *args]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(ref), *args]) == 0
     rng = np.random.default_rng(1234)
     run = tmp_path / "run"
     for attempt, delay in enumerate(rng.uniform(0.0, 0.3, size=3)):
@@ -151,7 +151,7 @@ def test_sigkill_during_frequent_saves_then_resume_reproduces_the_uninterrupted_
         proc.communicate()
         if attempt == 0:
             assert checkpoint.step_dirs(run / "checkpoints"), "killed before the first checkpoint"
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), *args, "--resume"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), *args, "--resume"]) == 0
     a, b = losses(ref), losses(run)
     assert sorted(b) == list(range(1, 31))
     assert [a[s] for s in range(1, 31)] == [b[s] for s in range(1, 31)]
@@ -210,11 +210,11 @@ def test_a_failed_asynchronous_save_stops_the_run_and_keeps_the_previous_checkpo
 def test_a_diverging_run_keeps_only_finite_checkpoints(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     args = TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.save_every=1"]
-    assert loop.main(args + ["--train.steps=2"]) == 0
+    assert train_cli.main(args + ["--train.steps=2"]) == 0
     capsys.readouterr()
     # A learning rate this large makes the parameters (and then the gradient norm) overflow within a few steps.
-    assert loop.main(args + ["--train.steps=40", "--train.lr=1e35", "--train.grad_clip=0", "--train.warmup_steps=0",
-                             "--resume"]) == 2
+    assert train_cli.main(args + ["--train.steps=40", "--train.lr=1e35", "--train.grad_clip=0",
+                                       "--train.warmup_steps=0", "--resume"]) == 2
     err = capsys.readouterr().err
     assert_one_error_line(err, "at step", "stopped without saving it")
     for step in checkpoint.step_dirs(run / "checkpoints"):
@@ -240,8 +240,8 @@ def test_the_tiny_vocabulary_trains_on_a_chinese_corpus(tmp_path, capsys):
     distinct = len(set(text))
     assert distinct > 3000
     run = tmp_path / "run"
-    assert loop.main(TINY[:1] + ["--model.vocab_size=2048"] + TINY[1:] + [f"--data.path={corpus}", "--run-dir",
-                                                                          str(run), "--train.steps=2"]) == 0
+    assert train_cli.main(TINY[:1] + ["--model.vocab_size=2048"] + TINY[1:] + [f"--data.path={corpus}", "--run-dir",
+                                                                               str(run), "--train.steps=2"]) == 0
     from llama_jax.tokenizer import Tokenizer
 
     tok = Tokenizer(run / "tokenizer.model")
@@ -254,25 +254,25 @@ def test_a_tokenizer_left_by_an_earlier_attempt_is_not_reused_in_silence(corpus,
     (other / "extra.txt").write_text("zebra yak xylophone " * 40)
     run = tmp_path / "run"
     # An attempt that trained a tokenizer on another corpus, then failed (a bad seq_len found later).
-    assert loop.main(TINY + [f"--data.path={other}", "--run-dir", str(run), "--train.steps=1"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={other}", "--run-dir", str(run), "--train.steps=1"]) == 0
     shutil.rmtree(run / "checkpoints")
     first = (run / "tokenizer.model").read_bytes()
     capsys.readouterr()
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=1"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=1"]) == 0
     assert "left by an earlier attempt" in capsys.readouterr().err
     assert (run / "tokenizer.model").read_bytes() != first
     # The same corpus and settings again: reused, said nothing.
     shutil.rmtree(run / "checkpoints")
     second = (run / "tokenizer.model").read_bytes()
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=1"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=1"]) == 0
     assert "earlier attempt" not in capsys.readouterr().err and (run / "tokenizer.model").read_bytes() == second
 
 
 def test_a_corpus_too_small_for_a_validation_split_still_validates(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "c", n=3, words=200)
     run = tmp_path / "run"
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=2",
-                             "--train.eval_every=2", "--train.batch_size=2", "--data.val_fraction=0.001"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.steps=2",
+                                  "--train.eval_every=2", "--train.batch_size=2", "--data.val_fraction=0.001"]) == 0
     captured = capsys.readouterr()
     assert "holding out the last one" in captured.err
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
@@ -286,7 +286,7 @@ def test_resume_survives_a_metrics_line_cut_off_by_a_kill(good, corpus, tmp_path
     shutil.copytree(good, run)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 1.2')
-    assert loop.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--resume", "--train.steps=8"]) == 0
+    assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--resume", "--train.steps=8"]) == 0
     assert sorted(losses(run)) == list(range(1, 9))
 
 

@@ -209,7 +209,7 @@ def test_the_fine_tuning_mask_covers_exactly_the_assistant_replies_for_any_templ
 def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     """--data.tokenizer takes a Hugging Face directory; the run keeps its files; --init-from a Hugging Face
     directory with only tokenizer.json fine-tunes on dialogues rendered with its own template."""
-    from llama_jax import data, loop
+    from llama_jax import data, train_cli
 
     hf_dir = tmp_path / "hf"
     auto = build(hf_dir, "llama3")
@@ -225,7 +225,7 @@ def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     run = tmp_path / "run"
     args = small + [f"--model.vocab_size={len(auto)}", f"--data.tokenizer={hf_dir}", f"--data.path={corpus}",
                     "--run-dir", str(run)]
-    assert loop.main(args + ["--train.steps=3"]) == 0
+    assert train_cli.main(args + ["--train.steps=3"]) == 0
     assert (run / "tokenizer.json").is_file() and not (run / "tokenizer.model").exists()
     tok = load_tokenizer(hf_dir)
     split = data.open_split(run / "data", "train", tok)
@@ -234,16 +234,16 @@ def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     ckpt = lj.load_checkpoint(run)
     assert isinstance(ckpt.tokenizer, HFTokenizer) and ckpt.chat_template == LLAMA3_TEMPLATE
     assert auto.convert_tokens_to_ids("<|eot_id|>") in ckpt.stop_tokens
-    assert loop.main(args + ["--train.steps=5", "--resume"]) == 0
+    assert train_cli.main(args + ["--train.steps=5", "--resume"]) == 0
 
     dialogues = tmp_path / "dialogues.jsonl"
     conv = {"messages": [{"role": "user", "content": "Who rode to the castle?"},
                          {"role": "assistant", "content": "The king."}]}
     dialogues.write_text((json.dumps(conv) + "\n") * 30)
     ft = tmp_path / "ft"
-    assert loop.main(small + ["--init-from", str(hf_dir), "--data.format=chat", f"--data.path={dialogues}",
-                              "--run-dir", str(ft), "--train.steps=2", "--train.seq_len=96",
-                              "--model.max_seq_len=128"]) == 0
+    assert train_cli.main(small + ["--init-from", str(hf_dir), "--data.format=chat", f"--data.path={dialogues}",
+                                   "--run-dir", str(ft), "--train.steps=2", "--train.seq_len=96",
+                                   "--model.max_seq_len=128"]) == 0
     split = data.open_split(ft / "data", "train", tok)
     n = split.doc_starts[1] if len(split.doc_starts) > 1 else split.n_tokens
     tokens, mask = split.tokens[:n].tolist(), split.target_mask[:n].tolist()

@@ -126,11 +126,11 @@ def test_generate_py_and_import_read_a_llama2c_file(tmp_path, capsys):
     assert generate_cli.main(["--checkpoint", str(tmp_path / "run"), *argv]) == 0
     assert capsys.readouterr().out.rstrip("\n") == expected
     # --init-from takes it too, its tokenizer named by --data.tokenizer (or found beside the file).
-    from llama_jax import loop
+    from llama_jax import loop, train_cli
     from llama_jax.config import load_run_config
 
     init = ["train.init_from=" + str(tmp_path / "stories.bin")]
-    assert loop.main(["--run-dir", str(tmp_path / "ft"), "--init-from", str(tmp_path / "stories.bin")]) == 2
+    assert train_cli.main(["--run-dir", str(tmp_path / "ft"), "--init-from", str(tmp_path / "stories.bin")]) == 2
     assert "(name one with data.tokenizer)" in capsys.readouterr().err
     assert not (tmp_path / "ft" / "config.yaml").exists()
     run_config = load_run_config(None, [*init, "data.tokenizer=" + str(tmp_path / "tok" / "tokenizer.model")])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import checkpoint, loop, sharding
+from llama_jax import checkpoint, sharding, train_cli
 from llama_jax import train as T
 from llama_jax.config import TrainConfig
 from llama_jax.metrics import read_metrics
@@ -51,8 +51,8 @@ def losses(run_dir):
 
 def test_loss_falls_and_run_dir_is_complete(corpus, tmp_path, capsys):
     run = tmp_path / "run"
-    assert loop.main(train_args(corpus, run, "--train.steps=40", "--train.eval_every=20",
-                                "--train.save_every=20")) == 0
+    assert train_cli.main(train_args(corpus, run, "--train.steps=40", "--train.eval_every=20",
+                                     "--train.save_every=20")) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and f"checkpoint: {run / 'checkpoints' / '40'}" in out
     l = losses(run)
@@ -71,7 +71,7 @@ def test_sigterm_saves_and_resume_reproduces_losses_exactly(corpus, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     # 48 steps: here the signal lands 2-4 steps after the 5th is logged; a much faster machine still stops mid-run
     args = ["--train.steps=48", "--train.eval_every=100", "--train.save_every=100"]
-    assert loop.main(train_args(corpus, full, *args)) == 0
+    assert train_cli.main(train_args(corpus, full, *args)) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(corpus, part, *args)],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -84,16 +84,42 @@ def test_sigterm_saves_and_resume_reproduces_losses_exactly(corpus, tmp_path):
     assert "stopped by SIGTERM" in err
     saved = int(sorted((part / "checkpoints").iterdir(), key=lambda p: int(p.name))[-1].name)
     assert 5 <= saved < 48
-    assert loop.main(train_args(corpus, part, *args, "--resume")) == 0
+    assert train_cli.main(train_args(corpus, part, *args, "--resume")) == 0
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 49))
     assert [a[s] for s in range(1, 49)] == [b[s] for s in range(1, 49)]  # bit-identical float32 losses
 
 
+def test_the_run_s_named_steps_called_one_by_one_equal_train_py(corpus, tmp_path, capsys):
+    """A notebook can take the run apart: docs/train.md's snippet, which calls the steps of loop.run one by one,
+    gives the same losses, weights and config.yaml as train.py."""
+    import re
+
+    extra = ["--train.steps=6", "--train.eval_every=3", "--train.save_every=3"]
+    assert train_cli.main(train_args(corpus, tmp_path / "cli", *extra)) == 0
+    _, overrides = train_cli.parse_args(train_args(corpus, tmp_path / "unused", *extra))
+    page = (ROOT / "docs" / "train.md").read_text()
+    code = re.search(r"```python\n(from pathlib import Path\nfrom llama_jax import loop\n.*?)```", page, re.S).group(1)
+    for old, new in [('"runs/notebook"', repr(str(tmp_path / "steps"))), ('["train.steps=20"]', repr(overrides)),
+                     ('"configs/tiny.yaml"', "None")]:
+        assert old in code, f"docs/train.md's snippet no longer has {old}"
+        code = code.replace(old, new)
+    scope = {}
+    exec(compile(code, "docs/train.md", "exec"), scope)
+    result, run_dir = scope["result"], tmp_path / "steps"
+    assert result["step"] == 6 and result["stopped_by"] is None and result["val_loss"] is not None
+    assert losses(run_dir) == losses(tmp_path / "cli")
+    _, a, _ = checkpoint.load_run_params(tmp_path / "cli", 6)
+    _, b, _ = checkpoint.load_run_params(run_dir, 6)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert (run_dir / "config.yaml").read_text() == (tmp_path / "cli" / "config.yaml").read_text()
+    assert scope["lock"].file.closed  # released: another train.py may use the directory now
+
+
 def test_half_written_checkpoint_is_ignored(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     base = train_args(corpus, run, "--train.eval_every=100", "--train.save_every=5")
-    assert loop.main(base + ["--train.steps=10"]) == 0
+    assert train_cli.main(base + ["--train.steps=10"]) == 0
     ckpts = run / "checkpoints"
     # What a kill mid-save leaves: Orbax's temporary directory (never renamed to "15")...
     shutil.copytree(ckpts / "10", ckpts / "15.orbax-checkpoint-tmp-1234567")
@@ -102,14 +128,14 @@ def test_half_written_checkpoint_is_ignored(corpus, tmp_path, capsys):
     for f in (ckpts / "20" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
-    assert loop.main(base + ["--train.steps=12", "--resume"]) == 0
+    assert train_cli.main(base + ["--train.steps=12", "--resume"]) == 0
     err = capsys.readouterr().err
     assert "20 is unreadable" in err and f"resumed from {ckpts / '10'}" in err
 
 
 def test_incompatible_resume_and_bad_config_get_one_line_errors(corpus, tmp_path, capsys):
     run = tmp_path / "run"
-    assert loop.main(train_args(corpus, run, "--train.steps=2", "--train.eval_every=100")) == 0
+    assert train_cli.main(train_args(corpus, run, "--train.steps=2", "--train.eval_every=100")) == 0
     capsys.readouterr()
     cases = [
         (train_args(corpus, run, "--train.steps=4", "--model.dim=64", "--resume"),
@@ -126,7 +152,7 @@ def test_incompatible_resume_and_bad_config_get_one_line_errors(corpus, tmp_path
             argv = argv[:]  # 8 host devices exist; ask for more than that instead
             argv[argv.index("--train.mesh=data=3")] = "--train.mesh=data=16"
             messages = ["needs 16 devices"]
-        assert loop.main(argv) == 2
+        assert train_cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
         assert sum("error" in line for line in err.splitlines()) == 1, err
@@ -137,10 +163,10 @@ def test_incompatible_resume_and_bad_config_get_one_line_errors(corpus, tmp_path
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
     run = tmp_path / "run"
-    assert loop.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=100")) == 0
+    assert train_cli.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=100")) == 0
     capsys.readouterr()
-    code = loop.main(train_args(corpus, run, "--train.steps=8", "--train.eval_every=100", "--train.save_every=1",
-                                "--train.lr=1e30", "--train.grad_clip=0", "--train.warmup_steps=0", "--resume"))
+    code = train_cli.main(train_args(corpus, run, "--train.steps=8", "--train.eval_every=100", "--train.save_every=1",
+                                     "--train.lr=1e30", "--train.grad_clip=0", "--train.warmup_steps=0", "--resume"))
     err = capsys.readouterr().err
     assert code == 2 and ("is nan" in err.lower() or "is inf" in err.lower()), err
     config, params, meta = checkpoint.load_run_params(run)
@@ -225,7 +251,7 @@ def _dot_contractions(jaxpr):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_loss_gradient_contracts_one_token_axis(scan_layers):
     # Weight gradients that contracted batch and sequence as two axes made XLA:CPU write the SwiGLU backward's
-    # gradients transposed (docs/benchmarks.md, training step); the products flatten tokens to avoid it.
+    # gradients transposed (docs/benchmarks-log.md, training step); the products flatten tokens to avoid it.
     config, train, batch = small_setup()
     config = dataclasses.replace(config, scan_layers=scan_layers)
     params = lj.init_params(config, jax.random.key(0))
@@ -258,8 +284,8 @@ def test_eight_devices_match_one_device(corpus, tmp_path, dtype):
     # round to bfloat16 after summing in a different order per sharding, hence the looser tolerance.
     assert jax.device_count() >= 8
     common = ["--train.steps=6", "--train.eval_every=100", "--train.save_every=100", f"--model.dtype={dtype}"]
-    assert loop.main(train_args(corpus, tmp_path / "one", *common)) == 0
-    assert loop.main(train_args(corpus, tmp_path / "eight", *common, "--mesh", "data=2,fsdp=2,tensor=2")) == 0
+    assert train_cli.main(train_args(corpus, tmp_path / "one", *common)) == 0
+    assert train_cli.main(train_args(corpus, tmp_path / "eight", *common, "--mesh", "data=2,fsdp=2,tensor=2")) == 0
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)],
                                rtol=2e-5 if dtype == "float32" else 1e-2)
@@ -267,12 +293,12 @@ def test_eight_devices_match_one_device(corpus, tmp_path, dtype):
 
 def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
     common = ["--train.eval_every=100", "--train.save_every=3"]
-    assert loop.main(train_args(corpus, tmp_path / "ref", *common, "--train.steps=6")) == 0
+    assert train_cli.main(train_args(corpus, tmp_path / "ref", *common, "--train.steps=6")) == 0
     run = tmp_path / "run"
-    assert loop.main(train_args(corpus, run, *common, "--train.steps=6", "--mesh", "fsdp=8")) == 0
+    assert train_cli.main(train_args(corpus, run, *common, "--train.steps=6", "--mesh", "fsdp=8")) == 0
     shutil.rmtree(run / "checkpoints" / "6")
-    assert loop.main(train_args(corpus, run, *common, "--train.steps=6", "--mesh", "data=2,tensor=4",
-                                "--resume")) == 0
+    assert train_cli.main(train_args(corpus, run, *common, "--train.steps=6", "--mesh", "data=2,tensor=4",
+                                     "--resume")) == 0
     a, b = losses(tmp_path / "ref"), losses(run)
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=2e-5)
 
@@ -293,8 +319,8 @@ def test_metrics_jsonl_rows_are_json_and_eval_paths_score_as_eval_perplexity(cor
 
     run = tmp_path / "r"
     (tmp_path / "held.txt").write_text("the river stone fire crown night " * 30)
-    assert loop.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=3",
-                                f"--train.eval_paths=held={tmp_path / 'held.txt'}")) == 0
+    assert train_cli.main(train_args(corpus, run, "--train.steps=3", "--train.eval_every=3",
+                                     f"--train.eval_paths=held={tmp_path / 'held.txt'}")) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in row for row in rows) and any("tokens_seen" in row for row in rows)
     held = next(row for row in rows if "eval_held_loss" in row)
@@ -303,5 +329,5 @@ def test_metrics_jsonl_rows_are_json_and_eval_paths_score_as_eval_perplexity(cor
     assert held["step"] == 3 and held["eval_held_loss"] == pytest.approx(got["total"]["nll"], rel=1e-6)
     assert held["eval_held_bpb"] == pytest.approx(got["total"]["bits_per_byte"], rel=1e-6)
     # A missing evaluation file is refused before anything is written.
-    assert loop.main(train_args(corpus, tmp_path / "r2", "--train.eval_paths=nope.txt")) == 2
+    assert train_cli.main(train_args(corpus, tmp_path / "r2", "--train.eval_paths=nope.txt")) == 2
     assert not (tmp_path / "r2" / "config.yaml").exists()
