@@ -1,6 +1,6 @@
 """Sample from a checkpoint: `python generate.py --checkpoint runs/tiny --prompt "ROMEO:"` (or --chat).
 
-See `python generate.py --help` and README.md. The work happens in llama_jax/generate_cli.py.
+See `python generate.py --help` and docs/generate.md. The work happens in llama_jax/generate_cli.py.
 """
 
 import sys

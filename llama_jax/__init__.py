@@ -1,5 +1,7 @@
 """llama_jax: a functional LLaMA in JAX. The public API; see README.md and docs/."""
 
+import sys
+
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
 from llama_jax.decode import generate, stream
 from llama_jax.host_memory import keep_freed_memory
@@ -42,8 +44,10 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"llama_jax.{_LAZY[name]}"), name)
+        value = globals()[name] = getattr(importlib.import_module(f"llama_jax.{_LAZY[name]}"), name)
+        return value
     raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
 
 
-__all__ = sorted([n for n in dir() if not n.startswith("_")] + list(_LAZY))
+__all__ = sorted([n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, type(sys))]
+                 + list(_LAZY))  # the functions and classes above, not the submodules their imports bind

@@ -49,7 +49,7 @@ class ModelConfig:
     #                                or force "reference", "jax" (jax.nn.dot_product_attention's choice), "cudnn"
     remat: str = "none"  # what the backward pass keeps: "none" (all), "full" (nothing), "save_matmuls"
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth); False unrolls them,
-    #                           which measured within noise of scan on CPU (docs/benchmarks.md) and compiles longer
+    #                           which measured within noise of scan on CPU (docs/benchmarks-log.md) and compiles longer
     init_std: float = 0.02  # std of the normal initialisation of weight matrices
 
     def __post_init__(self):

@@ -89,7 +89,7 @@ def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sample
     positions_B1 = state.cache["lengths"][:, None]
     kv = {"k": state.cache["k"], "v": state.cache["v"]}
     # Layers unrolled over per-layer weights, each layer's cache slab updated in place (a scan would slice the
-    # stacked weights and carry the whole cache; see docs/benchmarks.md for the measured difference).
+    # stacked weights and carry the whole cache; see docs/benchmarks-log.md for the measured difference).
     h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers=False)
     logits_BV = model.logits(params, h_B1D[:, 0], config)
     key, sub = jax.random.split(state.key)
@@ -181,7 +181,7 @@ def generate(params, config: ModelConfig, prompts: list[list[int]], *, max_new_t
              ) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each list ending at (and including) its first
     stop token. temperature=0 is greedy. The whole generation is one jitted prefill + lax.while_loop. It computes
-    in config.dtype; on a CPU float32 decodes faster than bfloat16 (docs/benchmarks.md)."""
+    in config.dtype; on a CPU float32 decodes faster than bfloat16 (docs/benchmarks-log.md)."""
     params, tokens, lengths, max_len, sampler = _prepare(params, config, prompts, max_new_tokens, temperature, top_k,
                                                          top_p, min_p, stop_tokens, repetition_penalty)
     out = _generate_jit(params, tokens, lengths, jax.random.key(seed), config, sampler, max_len, int(max_new_tokens))

@@ -112,7 +112,7 @@ def _summary(n_prompt: int, prefill_s: float, n_new: int, decode_s: float) -> st
 def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
     """The compute dtype to decode in. On a CPU a bfloat16 checkpoint decodes in float32 unless asked otherwise:
     XLA:CPU has no bfloat16 matrix-vector kernels, so it converts each step's weights (and KV cache) to float32,
-    and streamed decoding ran 2-3x slower than in float32 (docs/benchmarks.md). The parameters are float32 either
+    and streamed decoding ran slower than in float32 (docs/benchmarks-log.md). The parameters are float32 either
     way (training keeps float32 master weights)."""
     if requested:
         return requested

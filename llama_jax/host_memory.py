@@ -2,9 +2,9 @@
 
 XLA:CPU allocates a step's temporary buffers when the step starts and frees them when it ends: one block of about
 1 GB for stories15M's training step. glibc serves blocks that large with a fresh mmap and hands them back with
-munmap, so every step faults the whole block in again, page by page: ~240,000 page faults and ~0.6 s of kernel time
-per stories15M step on a 2-core machine, a quarter of its CPU time (docs/benchmarks.md). PyTorch's CPU allocator goes
-through the same malloc and pays the same way.
+munmap, so every step faults the whole block in again, page by page, in kernel time that was a large share of a
+small model's step (measured in docs/benchmarks-log.md). PyTorch's CPU allocator goes through the same malloc and
+pays the same way.
 """
 
 from __future__ import annotations

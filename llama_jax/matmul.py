@@ -4,7 +4,7 @@ XLA:CPU multiplies bfloat16 matrices on its fast kernels (YNNPACK, which uses AM
 operands are row-major arrays contracted as [M, K] x [K, N] or [M, K] x [N, K] and the product accumulates into
 float32. Anything else is converted to float32 first and multiplied there: a bfloat16 result, and a transposed
 operand - which autodiff produces for every weight gradient, since those contract the token axis. On a 2-core
-Sapphire Rapids that float32 detour made bfloat16 training slower than float32 (docs/benchmarks.md).
+Sapphire Rapids that float32 detour made bfloat16 training slower than float32 (docs/benchmarks-log.md).
 
 `matmul` therefore writes bfloat16 products on the CPU in the form those kernels take, forward and backward (a
 custom VJP that transposes operands explicitly). Elsewhere - float32, GPUs, TPUs - it is a plain lax.dot_general.

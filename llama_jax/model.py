@@ -186,8 +186,8 @@ def logits(params, h_BTD, config: ModelConfig):
 def _token_matmul(x, w, out_dtype=None, transpose_w=False):
     """x [..., in] @ w [in, out] (or w [out, in] read transposed) with x's leading axes flattened to one token
     axis. Autodiff of a [B, T, in] product gives a weight gradient contracting two axes, and XLA:CPU then wrote the
-    SwiGLU backward's gradients transposed inside their elementwise fusions (260 ms of a 2.2 s stories15M step);
-    one token axis avoids that."""
+    SwiGLU backward's gradients transposed inside their elementwise fusions, which then read their inputs column by
+    column (slow; docs/benchmarks-log.md); one token axis avoids that."""
     y = matmul(x.reshape(-1, x.shape[-1]), w, transpose_b=transpose_w, out_dtype=out_dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -195,7 +195,7 @@ def _token_matmul(x, w, out_dtype=None, transpose_w=False):
 def _linear(x, w, out_in: bool):
     """x [..., in] times a weight stored [in, out] (training layout) or [out, in] (decode layout).
     The decode layout computes (w @ x^T)^T: with the weight as the left operand XLA:CPU's few-row products ran
-    faster (stories110M batch-8 decode step 55.8 -> 41.9 ms, batch 1 unchanged; docs/benchmarks.md)."""
+    faster (docs/benchmarks-log.md)."""
     if not out_in:
         return _token_matmul(x, w)
     return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
@@ -244,7 +244,7 @@ def _rope(config: ModelConfig, positions_BT):
     """(cos, sin) of the RoPE angles at positions [B, T], each [B, T, H/2] float32, read from tables over positions
     0 .. max_seq_len - 1 built at trace time (positions outside the context come out NaN). Computed inside the step
     instead, XLA:CPU fuses cos and sin into every consumer and evaluates them once per element of q and k, all heads
-    over: ~10% of a stories110M training step. Contexts too long for a table (llama3.2-1b's 131072 positions)
+    over (docs/benchmarks-log.md). Contexts too long for a table (llama3.2-1b's 131072 positions)
     compute them in the step."""
     inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config.rope_factor,
                                 config.rope_low_freq_factor, config.rope_high_freq_factor,
@@ -341,7 +341,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int):
     k of row b), in the compute dtype. Per-layer arrays let a decode step update each layer's slab in place;
     heads-major (S before H) lets attention read it without a transposed copy; rows and heads on one axis is what
     attention's batched matmuls take as it is (a [B, K, S, H] cache made XLA:CPU copy every layer's cache several
-    times per step; docs/benchmarks.md has the measurements)."""
+    times per step; docs/benchmarks-log.md has the measurements)."""
     shape = (batch * config.n_kv_heads, max_len, config.head_dim)
     zeros = lambda: [jnp.zeros(shape, config.dtype) for _ in range(config.n_layers)]
     return {"k": zeros(), "v": zeros()}
@@ -386,7 +386,7 @@ _MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 def unstack_layers(params, dtype=None):
     """The decode layout of the parameters (a copy; pass it to hidden_cached / forward_cached / logits like the
-    training layout), each choice measured faster on XLA:CPU (docs/benchmarks.md): "layers" becomes a list of
+    training layout), each choice measured faster on XLA:CPU (docs/benchmarks-log.md): "layers" becomes a list of
     per-layer dicts (XLA:CPU copies a slice of a stacked weight before each matmul); their matrices are stored
     [out, in] (one-row steps run faster over it); the LM head stays [D, V] (a contiguous copy for tied
     embeddings); with `dtype`, the weights are cast once here rather than in every step (the final norm stays as

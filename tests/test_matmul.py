@@ -59,7 +59,7 @@ def _dot_operand_dtypes(hlo: str):
 @pytest.mark.parametrize("tie_embeddings,scan_layers", [(True, True), (False, False)])
 def test_bfloat16_train_step_multiplies_bfloat16_on_the_cpu(tie_embeddings, scan_layers):
     # XLA:CPU converts the operands of a bfloat16 product it cannot give its bfloat16 kernels to float32 (3-5x
-    # slower, docs/benchmarks.md). On the CPU every product of the bfloat16 training step - layers, attention,
+    # slower, docs/benchmarks-log.md). On the CPU every product of the bfloat16 training step - layers, attention,
     # LM head, forward and backward - must reach XLA as bfloat16 operands accumulating in float32. GPUs and TPUs
     # keep the plain products: no optimization barriers in their step.
     config, train, batch = small_setup()

@@ -1,4 +1,4 @@
-"""Writes a small synthetic dialogue set for the README's fine-tuning example (generated here, from templates).
+"""Writes a small synthetic dialogue set for fine-tuning (docs/finetune.md), generated here from templates.
 
     python -m llama_jax.examples.dialogues --out data/dialogues.jsonl [--n 3000] [--seed 0]
 
