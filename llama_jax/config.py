@@ -162,10 +162,36 @@ def build(cls, values: dict, section: str):
         raise ConfigError(f"{section}: {e}") from None
 
 
-def load_yaml(path: str | Path) -> dict:
+PRESETS = "llama_jax.configs"  # the repository's configs/*.yaml, installed with the package (pyproject.toml)
+
+
+def presets() -> list[str]:
+    """The names of the presets installed with the package: `--config tiny` works outside the repository too."""
+    from importlib import resources
+
+    try:
+        return sorted(f.name[:-5] for f in resources.files(PRESETS).iterdir() if f.name.endswith(".yaml"))
+    except ModuleNotFoundError:
+        return []
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file: the path itself if it exists, else the installed preset it names (`tiny`, `tiny.yaml` or
+    `configs/tiny.yaml` run from outside the repository)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if path.parent in (Path("."), Path("configs")) and name in presets():
+        from importlib import resources
+
+        return Path(str(resources.files(PRESETS) / f"{name}.yaml"))
+    raise ConfigError(f"{path}: config file not found (installed presets, usable by name as --config NAME: "
+                      f"{', '.join(presets()) or 'none'})")
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

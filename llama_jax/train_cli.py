@@ -17,7 +17,8 @@ def parse_args(argv=None):
         prog="train.py", description="Pretrain or fine-tune a LLaMA-style model.",
         epilog="Every config field below can be given as --section.key VALUE or --section.key=VALUE; values are "
                "YAML scalars ('--data.separator=\\n\\n' is two newlines).")
-    p.add_argument("--config", help="YAML preset with model/data/train sections (configs/*.yaml)")
+    p.add_argument("--config", help="a YAML file with model/data/train sections, or an installed preset by name "
+                                    "(tiny, stories15M, stories110M, llama3.2-1b, llama2-7b, llama3-8b: configs/)")
     p.add_argument("--run-dir", help="directory for checkpoints, metrics and the tokenizer (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
     p.add_argument("--init-from", help="start from these weights: a run directory, a Hugging Face Llama directory "

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -48,3 +50,17 @@ def test_yaml_errors_name_the_file(tmp_path):
         lj.load_model_config(bad)
     with pytest.raises(lj.ConfigError, match="missing.yaml: config file not found"):
         lj.load_model_config(tmp_path / "missing.yaml")
+
+
+def test_presets_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    """The installed presets are configs/*.yaml: `--config tiny` (or `configs/tiny.yaml`, copied from the README
+    and run outside the repository) reads the same file; an unknown name lists them."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert cfg.presets() == sorted(p.stem for p in root.glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("tiny", "tiny.yaml", "configs/tiny.yaml"):
+        assert cfg.load_run_config(spelling, []) == cfg.load_run_config(root / "tiny.yaml", [])
+    with pytest.raises(lj.ConfigError, match="tiniest: config file not found .*stories15M, tiny"):
+        cfg.load_run_config("tiniest", [])
+    (tmp_path / "tiny").write_text("model:\n  dim: 48\n")  # a file of that name wins over the preset
+    assert cfg.load_run_config("tiny", []).model.dim == 48

@@ -71,6 +71,24 @@ def test_a_wheel_installs_every_module_data_file_and_console_script(tmp_path):
     scripts = (target / "bin").iterdir() if (target / "bin").is_dir() else []
     names = {p.name for p in scripts}
     assert {"llama-jax-train", "llama-jax-generate", "llama-jax-serve", "llama-jax-eval"} <= names, names
-    help_ = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), str(target / "bin" / "llama-jax-eval"),
-                            "--help"], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert help_.returncode == 0 and "perplexity" in help_.stdout, help_.stderr[-2000:]
+    assert names >= {"llama-jax-hf", "llama-jax-tokenizer"}, names
+    assert (target / "llama_jax" / "configs" / "tiny.yaml").is_file()
+
+    def script(name, *args):
+        return subprocess.run([str(tmp_path / "venv" / "bin" / "python"), str(target / "bin" / name), *args], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    for name, word in [("llama-jax-train", "--run-dir"), ("llama-jax-generate", "--checkpoint"),
+                       ("llama-jax-serve", "--max-batch"), ("llama-jax-eval", "perplexity"), ("llama-jax-hf", "export"),
+                       ("llama-jax-tokenizer", "train")]:
+        out = script(name, "--help")
+        assert out.returncode == 0 and word in out.stdout, (name, out.stderr[-2000:])
+    # The main job's shape from outside the repository: a preset by name, a corpus, a run, then text from it.
+    from tests.test_bad_inputs import TINY, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    out = script("llama-jax-train", "--config", "tiny", *TINY, f"--data.path={corpus}", "--train.steps=2")
+    assert out.returncode == 0 and "checkpoint: runs/tiny/checkpoints/2" in out.stdout, out.stderr[-2000:]
+    out = script("llama-jax-generate", "--checkpoint", "runs/tiny", "--prompt", "the king", "--max-new-tokens", "5",
+                 "--temperature", "0")
+    assert out.returncode == 0 and out.stdout.startswith("the king"), out.stderr[-2000:]
