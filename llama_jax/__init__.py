@@ -1,6 +1,6 @@
 """llama_jax: a functional LLaMA in JAX. The public API; see README.md and docs/."""
 
-import sys
+from types import ModuleType as _ModuleType
 
 from llama_jax.config import ConfigError, ModelConfig, load_model_config
 from llama_jax.decode import generate, stream
@@ -49,5 +49,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
 
 
-__all__ = sorted([n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, type(sys))]
+__all__ = sorted([n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _ModuleType)]
                  + list(_LAZY))  # the functions and classes above, not the submodules their imports bind

@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -167,8 +168,6 @@ PRESETS = "llama_jax.configs"  # the repository's configs/*.yaml, installed with
 
 def presets() -> list[str]:
     """The names of the presets installed with the package: `--config tiny` works outside the repository too."""
-    from importlib import resources
-
     try:
         return sorted(f.name[:-5] for f in resources.files(PRESETS).iterdir() if f.name.endswith(".yaml"))
     except ModuleNotFoundError:
@@ -183,8 +182,6 @@ def resolve_config(path: str | Path) -> Path:
         return path
     name = path.name.removesuffix(".yaml")
     if path.parent in (Path("."), Path("configs")) and name in presets():
-        from importlib import resources
-
         return Path(str(resources.files(PRESETS) / f"{name}.yaml"))
     raise ConfigError(f"{path}: config file not found (installed presets, usable by name as --config NAME: "
                       f"{', '.join(presets()) or 'none'})")

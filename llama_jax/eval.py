@@ -58,23 +58,29 @@ def perplexity(params, config, tok, paths, *, window: int | None = None, stride:
 
         bar = tqdm(total=total_tokens, unit="tok", desc="scoring", file=sys.stderr, disable=None)
     try:
-        results = [score_documents(params, config, docs, n_bytes, str(f), window=window, stride=stride,
-                                   batch_tokens=batch_tokens, progress=bar.update if bar is not None else None)
-                   for f, docs, n_bytes in encoded]
+        sums = [_nll(params, config, docs, window, stride, batch_tokens, bar.update if bar is not None else None)
+                for _, docs, _ in encoded]
     finally:
         if bar is not None:
             bar.close()
-    total = lambda key: sum(r[key] for r in results)
-    return {"files": results, "total": _summary("total", total("documents"), total("tokens"), total("bytes"),
-                                                sum(r["nll"] * r["tokens"] for r in results if r["tokens"]))}
+    results = [_summary(str(f), len(docs), n, n_bytes, nll) for (f, docs, n_bytes), (nll, n) in zip(encoded, sums)]
+    return {"files": results, "total": _summary("total", sum(len(docs) for _, docs, _ in encoded),
+                                                sum(n for _, n in sums), sum(b for _, _, b in encoded),
+                                                sum(nll for nll, _ in sums))}
 
 
 def score_documents(params, config, docs, n_bytes: int, name: str, *, window: int, stride: int,
                     batch_tokens: int = 8192, progress=None) -> dict:
     """One set of encoded documents (encode_documents) scored in sliding windows: its summary (see perplexity).
     Training's train.eval_paths use it too."""
+    nll, n = _nll(params, config, docs, window, stride, batch_tokens, progress)
+    return _summary(name, len(docs), n, n_bytes, nll)
+
+
+def _nll(params, config, docs, window, stride, batch_tokens, progress) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of the documents."""
     sums = score.nll_of_documents(params, config, docs, stride, batch_tokens, progress=progress, window=window)
-    return _summary(name, len(docs), sum(k for _, k in sums), n_bytes, sum(s for s, _ in sums))
+    return sum(s for s, _ in sums), sum(k for _, k in sums)
 
 
 def encode_documents(tok, paths, text_field: str = "text", separator: str | None = None,

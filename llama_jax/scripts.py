@@ -4,34 +4,23 @@ the same commands as train.py, generate.py, serve.py and the `python -m llama_ja
 from __future__ import annotations
 
 
-def _run(module: str) -> int:
-    import importlib
+def _command(module: str):
+    """The console script that runs llama_jax.<module>.main()."""
 
-    from llama_jax.host_memory import keep_freed_memory
+    def run() -> int:
+        import importlib
 
-    keep_freed_memory()  # before any JAX work, as train.py / generate.py / serve.py do (host_memory.py)
-    return importlib.import_module(f"llama_jax.{module}").main()
+        from llama_jax.host_memory import keep_freed_memory
 
+        keep_freed_memory()  # before any JAX work, as train.py / generate.py / serve.py do (host_memory.py)
+        return importlib.import_module(f"llama_jax.{module}").main()
 
-def train() -> int:
-    return _run("train_cli")
-
-
-def generate() -> int:
-    return _run("generate_cli")
+    return run
 
 
-def serve() -> int:
-    return _run("serve_cli")
-
-
-def evaluate() -> int:
-    return _run("eval")
-
-
-def hf() -> int:
-    return _run("hf")
-
-
-def tokenizer() -> int:
-    return _run("tokenizer")
+train = _command("train_cli")
+generate = _command("generate_cli")
+serve = _command("serve_cli")
+evaluate = _command("eval")
+hf = _command("hf")
+tokenizer = _command("tokenizer")
