@@ -115,22 +115,27 @@ def init_state(config: ModelConfig, train: TrainConfig, key, params=None) -> Tra
 # Steps.
 
 
-def train_step(state: TrainState, batch, config: ModelConfig, train: TrainConfig):
-    """One optimizer step over `batch` (arrays [B, T]) split into train.grad_accum micro-batches. The loss is the
-    mean over all unmasked tokens of the whole batch, so k micro-batches equal one big batch."""
+def accumulate_gradients(params, batch, config: ModelConfig, train: TrainConfig):
+    """(gradients of the summed objective, (ce sum, z sum, token count)) over `batch` (arrays [B, T]) split into
+    train.grad_accum micro-batches: the same sums as one big batch, up to the order of the additions."""
     grad_fn = jax.grad(loss_sums, has_aux=True)
     k = train.grad_accum
     if k == 1:
-        grads, (ce, z, count) = grad_fn(state.params, batch, config, train)
-    else:
-        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+        return grad_fn(params, batch, config, train)
+    micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
-        def body(carry, mb):
-            g, sums = grad_fn(state.params, mb, config, train)
-            return jax.tree.map(jnp.add, carry, (g, sums)), None
+    def body(carry, mb):
+        g, sums = grad_fn(params, mb, config, train)
+        return jax.tree.map(jnp.add, carry, (g, sums)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), (0.0, 0.0, 0.0))
-        (grads, (ce, z, count)), _ = jax.lax.scan(body, zeros, micro)
+    zeros = (jax.tree.map(jnp.zeros_like, params), (0.0, 0.0, 0.0))
+    return jax.lax.scan(body, zeros, micro)[0]
+
+
+def train_step(state: TrainState, batch, config: ModelConfig, train: TrainConfig):
+    """One optimizer step over `batch` (arrays [B, T]) split into train.grad_accum micro-batches. The loss is the
+    mean over all unmasked tokens of the whole batch, so k micro-batches equal one big batch."""
+    grads, (ce, z, count) = accumulate_gradients(state.params, batch, config, train)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
