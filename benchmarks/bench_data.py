@@ -19,11 +19,13 @@ import jax.numpy as jnp  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
 from benchmarks.common import machine, table  # noqa: E402
-from llama_jax import data  # noqa: E402
-from llama_jax import train as T  # noqa: E402
+from llama_jax import optim
 from llama_jax.config import TrainConfig  # noqa: E402
-from llama_jax.shakespeare import default_corpus  # noqa: E402
-from llama_jax.tokenizer import train_tokenizer  # noqa: E402
+from llama_jax.data import corpus as data  # noqa: E402
+from llama_jax.data import token_files  # noqa: E402
+from llama_jax.data.shakespeare import default_corpus  # noqa: E402
+from llama_jax.text.tokenizer import train_tokenizer  # noqa: E402
+from llama_jax.train import step as T  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def main():
     print(table(f"prepare() on the default corpus ({len(texts)} documents, {n_tokens:,} tokens; tokenizer "
                 f"training took {train_s:.1f}s)", ["threads", "corpus", "time", "throughput"], rows))
 
-    split = data.open_split(tmp / "prep2", "train", tok)
+    split = token_files.open_split(tmp / "prep2", "train", tok)
     rows = []
     for preset, batch, seq in (("tiny", 16, 128), ("stories15M", 8, 256)):
         config = lj.load_model_config(ROOT / "configs" / f"{preset}.yaml")
@@ -61,7 +63,7 @@ def main():
         loader_rate = n / (time.perf_counter() - t)
         train = TrainConfig(batch_size=batch, seq_len=seq, warmup_steps=0)
         config = config.replace(vocab_size=max(config.vocab_size, tok.vocab_size))
-        state = T.init_state(config, train, jax.random.key(0))
+        state = optim.init_state(config, train, jax.random.key(0))
         b = jax.tree.map(jnp.asarray, next(loader)[0])
         step, _ = T.jit_steps(config, train)
         state, m = step(state, b)

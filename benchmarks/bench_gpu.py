@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import table, timeit  # noqa: E402
+from llama_jax import optim  # noqa: E402
 
 
 def _config(args, **changes):
@@ -78,13 +79,13 @@ def part_ours_train(args):
     import jax.numpy as jnp
 
     import llama_jax as lj
-    from llama_jax import train as T
     from llama_jax.config import TrainConfig
+    from llama_jax.train import step as T
 
     config = _config(args, dtype="bfloat16", attention_impl=args.attention, remat=args.remat)
     train = TrainConfig(batch_size=args.batch, seq_len=args.seq, warmup_steps=0, steps=1000,
                         loss_chunk=args.loss_chunk)
-    state = T.init_state(config, train, jax.random.key(0))
+    state = optim.init_state(config, train, jax.random.key(0))
     batch = jax.tree.map(jnp.asarray, _batch(config, args.batch, args.seq, args.packed))
     if not args.packed:
         batch.pop("segment_ids")  # plain causal attention: the kernel's own causal masking
@@ -164,8 +165,8 @@ def part_check(args):
     import jax.numpy as jnp
 
     import llama_jax as lj
-    from llama_jax import train as T
     from llama_jax.config import TrainConfig
+    from llama_jax.train import step as T
 
     out = {}
     for packed in (False, True):

@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
 from benchmarks.common import add_malloc_flag, hf_model, load_ours_into_hf, machine, set_malloc, table, timeit  # noqa: E402
-from llama_jax import train as T  # noqa: E402
+from llama_jax import optim
 from llama_jax.config import TrainConfig  # noqa: E402
+from llama_jax.train import step as T  # noqa: E402
 
 
 def ours(config, params, tokens, targets):
@@ -59,7 +60,7 @@ def torch_ref(config, params, tokens, targets, compiled):
 
 def compile_seconds(config) -> float:
     train = TrainConfig(seq_len=128, batch_size=2)
-    state = jax.eval_shape(lambda: T.init_state(config, train, jax.random.key(0)))
+    state = jax.eval_shape(lambda: optim.init_state(config, train, jax.random.key(0)))
     b = {k: jax.ShapeDtypeStruct((2, 128), jnp.float32 if k == "loss_mask" else jnp.int32)
          for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
     step, _ = T.jit_steps(config, train)

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
 from benchmarks.common import add_malloc_flag, machine, set_malloc, table  # noqa: E402
-from llama_jax.engine import Engine  # noqa: E402
-from llama_jax.server import Server  # noqa: E402
+from llama_jax.serve.api import Server  # noqa: E402
+from llama_jax.serve.engine import Engine  # noqa: E402
 
 
 class _NoText:

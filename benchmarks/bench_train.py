@@ -19,15 +19,17 @@ import numpy as np  # noqa: E402
 
 import llama_jax as lj  # noqa: E402
 from benchmarks.common import add_malloc_flag, machine, set_malloc, table, timeit, torch_train_step  # noqa: E402
-from llama_jax import train as T  # noqa: E402
+from llama_jax import optim
 from llama_jax.config import TrainConfig  # noqa: E402
+from llama_jax.train import step as T  # noqa: E402
+from llama_jax.train.metrics import measure_peak_flops
 
 SHAPES = {"stories15M": (8, 256), "stories110M": (4, 512)}
 
 
 def ours(config, batch, seq, repeat):
     train = TrainConfig(batch_size=batch, seq_len=seq, warmup_steps=0, steps=1000)
-    state = T.init_state(config, train, jax.random.key(0))
+    state = optim.init_state(config, train, jax.random.key(0))
     rng = np.random.default_rng(0)
     toks = rng.integers(0, config.vocab_size, (batch, seq + 1)).astype(np.int32)
     b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "positions": np.tile(np.arange(seq, dtype=np.int32),
@@ -65,7 +67,7 @@ def main():
     malloc = set_malloc(args)
     import torch
 
-    peaks = {dtype: T.measure_peak_flops(dtype) for dtype in ("float32", "bfloat16")}
+    peaks = {dtype: measure_peak_flops(dtype) for dtype in ("float32", "bfloat16")}
     print(f"machine: {machine()}; {malloc}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); measured matmul peak: float32 {peaks['float32'] / 1e9:.0f} "
           f"GFLOP/s, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")

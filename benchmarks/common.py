@@ -51,7 +51,7 @@ def hf_model(config, seed: int = 0):
     import torch
     import transformers
 
-    from llama_jax.hf import config_to_hf
+    from llama_jax.checkpoints.hf import config_to_hf
 
     torch.manual_seed(seed)
     cfg = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "model_type", "torch_dtype")}
@@ -92,7 +92,7 @@ def torch_train_step(config, batch: int, seq: int, *, device: str = "cpu", bf16:
 def load_ours_into_hf(model, config, params):
     import torch
 
-    from llama_jax.hf import hf_state_dict
+    from llama_jax.checkpoints.hf import hf_state_dict
 
     state = {k: torch.from_numpy(v) for k, v in hf_state_dict(config, params).items()}
     if config.tie_embeddings:

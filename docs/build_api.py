@@ -64,10 +64,13 @@ def resolves(ref: str, package_modules: set[str]) -> bool:
         return True  # a file name (tokenizer.model, config.yaml), not a reference
     if head in SECTIONS and rest in {f.name for f in dataclasses.fields(SECTIONS[head])}:
         return True
+    by_leaf = _by_leaf(package_modules)
     if head in ("lj", "llama_jax"):
         path = ["llama_jax", *rest.split(".")]
     elif f"llama_jax.{head}" in package_modules:
         path = ["llama_jax", *ref.split(".")]
+    elif head in by_leaf:  # a subpackage's module by its own name: `engine.start`, `run_dir.restore`
+        path = [*by_leaf[head].split("."), *rest.split(".")]
     else:
         return True  # not ours to check (jax.lax.scan, np.memmap)
     for i in range(len(path), 0, -1):  # the longest importable module prefix, then attributes
@@ -77,6 +80,15 @@ def resolves(ref: str, package_modules: set[str]) -> bool:
             continue
         return _has_path(obj, path[i:])
     return False
+
+
+def _by_leaf(package_modules: set[str]) -> dict[str, str]:
+    """The subpackages' modules by their last name, where that name is unique (`engine` -> llama_jax.serve.engine)."""
+    leaves: dict[str, list[str]] = {}
+    for m in package_modules:
+        if m.count(".") == 2:
+            leaves.setdefault(m.rsplit(".", 1)[1], []).append(m)
+    return {leaf: ms[0] for leaf, ms in leaves.items() if len(ms) == 1 and f"llama_jax.{leaf}" not in package_modules}
 
 
 def _has_path(obj, attrs: list[str]) -> bool:
@@ -99,6 +111,7 @@ def broken_references(module_names: list[str]) -> list[str]:
 
     known = set(module_names)
     heads = {n.split(".")[1] for n in module_names if n.count(".") == 1} | set(SECTIONS) | {"lj", "llama_jax"}
+    heads |= set(_by_leaf(known))
     alternatives = "|".join(sorted(heads))
     prose = re.compile(rf"(?<![\w.`/])((?:{alternatives})(?:\.[A-Za-z_]\w*)+)")
     problems = []

@@ -6,6 +6,7 @@ from llama_jax.config import ConfigError, ModelConfig, load_model_config
 from llama_jax.decode import generate, stream
 from llama_jax.host_memory import keep_freed_memory
 from llama_jax.model import (
+    KVCache,
     apply_rope,
     attention,
     causal_mask,
@@ -32,12 +33,13 @@ from llama_jax.sampling import (
 
 __version__ = "0.2.0"
 
-# Imported on first use, so that `python -m llama_jax.hf` / `python -m llama_jax.tokenizer` run their module
-# fresh (runpy warns when a package has already imported the module it is asked to run).
-_LAZY = {"load_hf_checkpoint": "hf", "save_hf_checkpoint": "hf", "CheckpointError": "hf",
-         "Tokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
-         "train_tokenizer": "tokenizer", "load_checkpoint": "load", "Checkpoint": "load",
-         "load_llama2c": "llama2c", "token_logprobs": "score", "score_continuations": "score"}
+# Imported on first use: `import llama_jax` stays light (no Orbax, tokenizers or safetensors until needed), and
+# `python -m llama_jax.eval` runs its module fresh (runpy warns when a package has already imported it).
+_LAZY = {"load_hf_checkpoint": "checkpoints.hf", "save_hf_checkpoint": "checkpoints.hf",
+         "CheckpointError": "checkpoints.hf", "Tokenizer": "text.tokenizer", "HFTokenizer": "text.tokenizer",
+         "load_tokenizer": "text.tokenizer", "train_tokenizer": "text.tokenizer", "load_checkpoint": "checkpoints.load",
+         "Checkpoint": "checkpoints.load", "load_llama2c": "checkpoints.llama2c", "token_logprobs": "score",
+         "score_continuations": "score", "UserError": "errors"}
 
 
 def __getattr__(name):

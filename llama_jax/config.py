@@ -6,7 +6,6 @@ with a one-line `ConfigError` naming the field.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import types
@@ -16,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from llama_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A bad configuration value or file; the message is one line naming the key."""
 
 
@@ -234,7 +235,7 @@ def _parse_scalar(text: str):
     return text
 
 
-def _field_comments(cls) -> dict[str, str]:
+def field_comments(cls) -> dict[str, str]:
     """The one-line comment after each field in the class's source: the flag help of `train.py --help`."""
     import inspect
 
@@ -244,25 +245,6 @@ def _field_comments(cls) -> dict[str, str]:
         return {}
     found = re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE)
     return {name: comment.strip() for name, comment in found}
-
-
-def add_config_flags(parser) -> None:
-    """Adds `--section.key VALUE` (or `=VALUE`) for every config field to an argparse parser, one group per
-    section, with the field's type, default and comment as help. `overrides_from_args` reads them back."""
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} settings (override a preset: --{section}.KEY VALUE)")
-        comments = _field_comments(cls)
-        for field in dataclasses.fields(cls):
-            default = field.default
-            text = comments.get(field.name, "")
-            group.add_argument(f"--{section}.{field.name}", dest=f"{section}.{field.name}", default=argparse.SUPPRESS,
-                               metavar=str(field.type).replace(" ", ""),
-                               help=f"{text} (default: {default!r})".replace("%", "%%"))
-
-
-def overrides_from_args(args) -> list[str]:
-    """The `section.key=value` strings of the config flags given on the command line."""
-    return [f"{key}={value}" for key, value in vars(args).items() if "." in key and key.split(".")[0] in SECTIONS]
 
 
 def to_dict(config) -> dict:
@@ -372,6 +354,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 def dump_yaml(config: RunConfig, path: str | Path) -> None:
     """Writes the resolved config, replacing the file atomically (a kill mid-write never leaves half of one)."""
-    from llama_jax.cli import write_atomic
+    from llama_jax.files import write_atomic
 
     write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

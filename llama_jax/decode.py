@@ -20,13 +20,15 @@ import numpy as np
 
 from llama_jax import model, sampling
 from llama_jax.config import ModelConfig
+from llama_jax.errors import ArgumentError
 
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: dict  # {"k", "v": L arrays [B*K, S, H]} (model.init_cache) plus "lengths": int32 [B], slots filled
+    cache: model.KVCache  # the keys/values of every row's tokens so far
+    lengths_B: jax.Array  # int32 [B]: positions of the cache each row has filled (where its next token goes)
     last_B: jax.Array  # int32 [B]: the token to feed next
-    out_BM: jax.Array  # int32 [B, max_new_tokens]: generated tokens
+    out_BM: jax.Array  # int32 [B, M]: the M = max_new_tokens generated tokens (-1 after a row's stop)
     i: jax.Array  # int32: how many have been generated per row
     done_B: jax.Array  # bool [B]: the row has produced a stop token
     seen_BV: jax.Array | None  # bool [B, V]: tokens seen so far (for the repetition penalty), else None
@@ -77,7 +79,7 @@ def prefill(params, tokens_BP, lengths_B, config: ModelConfig, sampler: Sampler,
         valid_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
         seen = jnp.zeros((B, config.vocab_size), bool).at[jnp.arange(B)[:, None], tokens_BP].max(valid_BP)
     key, sub = jax.random.split(key)
-    state = DecodeState(cache={**cache, "lengths": lengths_B}, last_B=jnp.zeros(B, jnp.int32),
+    state = DecodeState(cache=cache, lengths_B=lengths_B, last_B=jnp.zeros(B, jnp.int32),
                         out_BM=jnp.full((B, max_new_tokens), -1, jnp.int32), i=jnp.zeros((), jnp.int32),
                         done_B=jnp.zeros(B, bool), seen_BV=seen, key=key)
     return _record(state, sampler(logits_BV, sub, seen), sampler)
@@ -86,14 +88,14 @@ def prefill(params, tokens_BP, lengths_B, config: ModelConfig, sampler: Sampler,
 def decode_step(params, state: DecodeState, config: ModelConfig, sampler: Sampler) -> DecodeState:
     """Feeds each row's last token at its own position, then samples the next one. `params` should come from
     model.unstack_layers (see there why)."""
-    positions_B1 = state.cache["lengths"][:, None]
-    kv = {"k": state.cache["k"], "v": state.cache["v"]}
+    positions_B1 = state.lengths_B[:, None]
     # Layers unrolled over per-layer weights, each layer's cache slab updated in place (a scan would slice the
     # stacked weights and carry the whole cache; see docs/benchmarks-log.md for the measured difference).
-    h_B1D, kv = model.hidden_cached(params, state.last_B[:, None], positions_B1, kv, config, scan_layers=False)
+    h_B1D, cache = model.hidden_cached(params, state.last_B[:, None], positions_B1, state.cache, config,
+                                       scan_layers=False)
     logits_BV = model.logits(params, h_B1D[:, 0], config)
     key, sub = jax.random.split(state.key)
-    state = state.replace(cache={**kv, "lengths": state.cache["lengths"] + 1}, key=key)
+    state = state.replace(cache=cache, lengths_B=state.lengths_B + 1, key=key)
     return _record(state, sampler(logits_BV, sub, state.seen_BV), sampler)
 
 
@@ -113,18 +115,18 @@ def as_prompt_lists(prompts) -> list[list[int]]:
     integer array (a row per prompt); a flat list of ids is refused, since it could mean one prompt or many."""
     if isinstance(prompts, (np.ndarray, jax.Array)):
         if prompts.ndim != 2:
-            raise ValueError(f"prompts as an array must be 2-D [batch, length], got shape {prompts.shape}")
+            raise ArgumentError(f"prompts as an array must be 2-D [batch, length], got shape {prompts.shape}")
         prompts = list(prompts)
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists, one per row")
+        raise ArgumentError("prompts must be a non-empty list of token-id lists, one per row")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (numbers.Integral, str)):
-            raise ValueError(f"prompts[{i}] is {p!r}, not a list of token ids: prompts is a list of rows, e.g. "
+            raise ArgumentError(f"prompts[{i}] is {p!r}, not a list of token ids: prompts is a list of rows, e.g. "
                              "[[1, 42, 7]] for one prompt")
         arr = np.asarray(p)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"prompts[{i}] must be a sequence of integer token ids, got {arr.dtype} of shape "
+            raise ArgumentError(f"prompts[{i}] must be a sequence of integer token ids, got {arr.dtype} of shape "
                              f"{arr.shape}")
         out.append([int(t) for t in arr])
     return out
@@ -132,18 +134,18 @@ def as_prompt_lists(prompts) -> list[list[int]]:
 
 def _pad_prompts(prompts, config: ModelConfig, max_new_tokens: int):
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
+        raise ArgumentError("empty prompt: every prompt needs at least one token (e.g. BOS)")
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        raise ArgumentError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     max_new_tokens = int(max_new_tokens)
     lengths = np.array([len(p) for p in prompts], np.int32)
     need = int(lengths.max()) + max_new_tokens
     if need > config.max_seq_len:
-        raise ValueError(f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds "
+        raise ArgumentError(f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds "
                          f"the model's context of {config.max_seq_len} tokens")
     bad = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        raise ArgumentError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
     P = -(-int(lengths.max()) // 16) * 16  # bucketing prompt lengths bounds the number of compilations
     tokens = np.zeros((len(prompts), P), np.int32)
     for b, p in enumerate(prompts):

@@ -1,8 +1,11 @@
 """LLaMA as pure functions over one parameter pytree.
 
-Shape letters used in names and einsum strings:
-  B batch, T query length, S key length, D model dim, N query heads, K key/value heads, G = N // K,
-  H head dim, F feed-forward dim, V vocabulary, L layers.
+Shape letters, used in names and einsum strings the same way in every module of the package:
+  B batch rows (the serving pool's rows are its slots), T query length, S key length (a KV cache's capacity),
+  P a (padded) prompt's length, M new tokens, D model dim, N query heads, K key/value heads, G = N // K,
+  H head dim, F feed-forward dim, V vocabulary, L layers,
+  Z = B * K cache rows (a batch row's KV heads), Q = G * T query rows per cache row,
+  R = B * T tokens flattened (the loss, scoring), C tokens per chunk, J chunks, A alternatives (top log-probs).
 
 The parameter pytree (a plain dict; weights are [in, out] so y = x @ w; layers stacked on axis 0 for lax.scan):
   embed          [V, D]
@@ -18,13 +21,13 @@ The parameter pytree (a plain dict; weights are [in, out] so y = x @ w; layers s
   lm_head        [D, V]      absent when config.tie_embeddings
 
 Sampling reads a decode layout of the same parameters (`unstack_layers`): "layers" is a list of per-layer dicts
-whose matrices are stored [out, in], and "lm_head" is always present as [D, V]. The KV cache used by sampling is a
-dict {"k": [L arrays [B*K, S, H]], "v": [same]} in the compute dtype (batch rows and KV heads share the leading
-axis: entry b*K + k is KV head k of row b); slot s of row b holds the key/value of that row's token at position s.
+whose matrices are stored [out, in], and "lm_head" is always present as [D, V]. Its KV cache is a `KVCache`
+(below): per layer a [Z, S, H] key array and value array; how far each row is filled is the caller's to track.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -145,14 +148,14 @@ def _attend_heads_major(q_BTNH, k_ZSH, v_ZSH, mask_BTS):
     Z, S, _ = k_ZSH.shape
     K = Z // B
     G = N // K
-    q_ZMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(Z, G * T, H)
-    scores_ZMS = matmul(q_ZMH, k_ZSH, transpose_b=True, out_dtype=jnp.float32) / math.sqrt(H)
+    q_ZQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(Z, G * T, H)
+    scores_ZQS = matmul(q_ZQH, k_ZSH, transpose_b=True, out_dtype=jnp.float32) / math.sqrt(H)
     if mask_BTS is not None:
-        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_ZMS.reshape(B, K, G, T, S), _NEG_INF)
-        scores_ZMS = scores_BKGTS.reshape(Z, G * T, S)
-    probs_ZMS = jax.nn.softmax(scores_ZMS, axis=-1).astype(v_ZSH.dtype)
-    out_ZMH = matmul(probs_ZMS, v_ZSH)
-    return out_ZMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_ZQS.reshape(B, K, G, T, S), _NEG_INF)
+        scores_ZQS = scores_BKGTS.reshape(Z, G * T, S)
+    probs_ZQS = jax.nn.softmax(scores_ZQS, axis=-1).astype(v_ZSH.dtype)
+    out_ZQH = matmul(probs_ZQS, v_ZSH)
+    return out_ZQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def swiglu(x, w_gate, w_up, w_down, out_in: bool = False):
@@ -336,18 +339,35 @@ def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_i
     return logits(params, h_BTD, config)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int):
-    """An empty KV cache {"k": [...], "v": [...]}: one [B*K, max_len, H] array per layer (entry b*K + k is KV head
-    k of row b), in the compute dtype. Per-layer arrays let a decode step update each layer's slab in place;
-    heads-major (S before H) lets attention read it without a transposed copy; rows and heads on one axis is what
-    attention's batched matmuls take as it is (a [B, K, S, H] cache made XLA:CPU copy every layer's cache several
-    times per step; docs/benchmarks-log.md has the measurements)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The keys and values of the tokens seen so far, one [Z, S, H] array per layer for each (a pytree; pass it
+    in and take the new one back). Row z = b * K + k is KV head k of batch row b, and entry s of a row holds the
+    key/value of that row's token at position s, in the compute dtype.
+
+    Why this layout (docs/benchmarks-log.md has the measurements): per-layer arrays let a decode step update each
+    layer's slab in place; heads-major (S before H) lets attention read it without a transposed copy; rows and
+    heads on one axis is what attention's batched matmuls take as it is (a [B, K, S, H] cache made XLA:CPU copy
+    every layer's cache several times per step)."""
+
+    k: list  # L arrays [Z, S, H]
+    v: list  # L arrays [Z, S, H]
+
+    @property
+    def max_len(self) -> int:
+        """S: the positions each row can hold."""
+        return self.k[0].shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+    """An empty `KVCache` of `batch` rows and `max_len` positions, in the compute dtype."""
     shape = (batch * config.n_kv_heads, max_len, config.head_dim)
     zeros = lambda: [jnp.zeros(shape, config.dtype) for _ in range(config.n_layers)]
-    return {"k": zeros(), "v": zeros()}
+    return KVCache(k=zeros(), v=zeros())
 
 
-def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
+def hidden_cached(params, tokens_BT, positions_BT, cache: KVCache, config: ModelConfig, scan_layers: bool = False):
     """Prefill or decode step over a KV cache: tokens [B, T] at per-row positions [B, T] (a row's positions are
     consecutive). Writes their keys/values into the cache and attends to every slot at or before each query's
     position, so earlier slots must hold that row's earlier tokens. Returns (final-normed hidden [B, T, D], cache).
@@ -357,7 +377,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
     stays flat in depth). `params` may be in the training layout or in unstack_layers' decode layout."""
     _check_tokens(tokens_BT, positions_BT, None)
     dtype = jnp.dtype(config.dtype)
-    S = cache["k"][0].shape[1]
+    S = cache.max_len
     mask_BTS = causal_mask(positions_BT, jnp.broadcast_to(jnp.arange(S), (tokens_BT.shape[0], S)))
     rope = _rope(config, positions_BT)
     x_BTD = params["embed"][tokens_BT].astype(dtype)
@@ -369,16 +389,16 @@ def hidden_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, s
             layer, k, v = layer_and_kv
             x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (k, v))
             return x_BTD, (k, v)
-        stacked = (layers, jnp.stack(cache["k"]), jnp.stack(cache["v"]))
+        stacked = (layers, jnp.stack(cache.k), jnp.stack(cache.v))
         x_BTD, (k_all, v_all) = jax.lax.scan(body, x_BTD, stacked)
         ks, vs = list(k_all), list(v_all)
     else:
-        ks, vs = list(cache["k"]), list(cache["v"])
+        ks, vs = list(cache.k), list(cache.v)
         out_in = isinstance(layers, list)
         for i, layer in enumerate(layers if out_in else _split_layers(layers, config.n_layers)):
             x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (ks[i], vs[i]),
                                            out_in=out_in)
-    return rms_norm(x_BTD, params["final_norm"], config.norm_eps), {**cache, "k": ks, "v": vs}
+    return rms_norm(x_BTD, params["final_norm"], config.norm_eps), KVCache(k=ks, v=vs)
 
 
 _MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -402,7 +422,7 @@ def unstack_layers(params, dtype=None):
     return out
 
 
-def forward_cached(params, tokens_BT, positions_BT, cache, config: ModelConfig, scan_layers: bool = False):
+def forward_cached(params, tokens_BT, positions_BT, cache: KVCache, config: ModelConfig, scan_layers: bool = False):
     """`hidden_cached` followed by the LM head: (float32 logits [B, T, V], cache)."""
     h_BTD, cache = hidden_cached(params, tokens_BT, positions_BT, cache, config, scan_layers)
     return logits(params, h_BTD, config), cache

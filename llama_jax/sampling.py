@@ -12,6 +12,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from llama_jax.errors import ArgumentError
+
 NEG_INF = -jnp.inf
 
 
@@ -75,17 +77,17 @@ def check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty=Non
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                         ("repetition_penalty", repetition_penalty)):
         if value is not None and not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} must be a number")
+            raise ArgumentError(f"{name}={value!r} must be a number", name)
     if temperature is None or not temperature >= 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+        raise ArgumentError(f"temperature={temperature} must be >= 0 (0 means greedy)", "temperature")
     if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be a positive integer")
+        raise ArgumentError(f"top_k={top_k!r} must be a positive integer", "top_k")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise ArgumentError(f"top_p={top_p} must be in (0, 1]", "top_p")
     if min_p is not None and not 0 <= min_p < 1:
-        raise ValueError(f"min_p={min_p} must be in [0, 1)")
+        raise ArgumentError(f"min_p={min_p} must be in [0, 1)", "min_p")
     if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")
+        raise ArgumentError(f"repetition_penalty={repetition_penalty} must be > 0", "repetition_penalty")
 
 
 def filtered_logits_rows(logits_BV, temperature_B, top_k_B, top_p_B, min_p_B, seen_BV=None, penalty_B=None):

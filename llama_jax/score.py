@@ -21,6 +21,7 @@ import numpy as np
 
 from llama_jax import model
 from llama_jax.config import ModelConfig
+from llama_jax.errors import ArgumentError
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top", "chunk"))
@@ -37,8 +38,8 @@ def token_logprobs(params, tokens_BT, config: ModelConfig, lengths_B=None, *, to
     w, transposed = model.head_matrix(params)
     w = w.astype(h_BTD.dtype)
     # Position t's hidden state predicts token t + 1.
-    h_ND = h_BTD[:, :-1].reshape(-1, h_BTD.shape[-1])
-    t_N = tokens_BT[:, 1:].reshape(-1)
+    h_RD = h_BTD[:, :-1].reshape(-1, h_BTD.shape[-1])
+    t_R = tokens_BT[:, 1:].reshape(-1)
 
     def score(h_CD, t_C):
         logits_CV = model.lm_head(h_CD, w, transposed).astype(jnp.float32)
@@ -46,18 +47,18 @@ def token_logprobs(params, tokens_BT, config: ModelConfig, lengths_B=None, *, to
         target_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
         out = {"logprobs": target_C - lse_C, "greedy": jnp.argmax(logits_CV, axis=-1) == t_C}
         if top:
-            values_CK, ids_CK = jax.lax.top_k(logits_CV, top)
-            out |= {"top_ids": ids_CK.astype(jnp.int32), "top_logprobs": values_CK - lse_C[:, None]}
+            values_CA, ids_CA = jax.lax.top_k(logits_CV, top)
+            out |= {"top_ids": ids_CA.astype(jnp.int32), "top_logprobs": values_CA - lse_C[:, None]}
         return out
 
-    n = h_ND.shape[0]
+    n = h_RD.shape[0]
     if n <= chunk:
-        out = score(h_ND, t_N)
+        out = score(h_RD, t_R)
     else:
         pad = -n % chunk
-        h_KCD = jnp.pad(h_ND, ((0, pad), (0, 0))).reshape(-1, chunk, h_ND.shape[-1])
-        t_KC = jnp.pad(t_N, (0, pad)).reshape(-1, chunk)
-        out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], jax.lax.map(lambda a: score(*a), (h_KCD, t_KC)))
+        h_JCD = jnp.pad(h_RD, ((0, pad), (0, 0))).reshape(-1, chunk, h_RD.shape[-1])
+        t_JC = jnp.pad(t_R, (0, pad)).reshape(-1, chunk)
+        out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], jax.lax.map(lambda a: score(*a), (h_JCD, t_JC)))
     valid_BT = (jnp.arange(T)[None, :] >= 1) & (jnp.arange(T)[None, :] < lengths_B[:, None])
     first = lambda x, fill: jnp.concatenate([jnp.full((B, 1, *x.shape[1:]), fill, x.dtype),
                                              x.reshape(B, T - 1, *x.shape[1:])], axis=1)
@@ -82,7 +83,7 @@ def score_batches(params, config: ModelConfig, sequences: list[list[int]], batch
     too_long = [i for i, s in enumerate(sequences) if len(s) > config.max_seq_len or len(s) == 0]
     if too_long:
         n = len(sequences[too_long[0]])
-        raise ValueError(f"sequence {too_long[0]} has {n} tokens; each must have 1 .. {config.max_seq_len}")
+        raise ArgumentError(f"sequence {too_long[0]} has {n} tokens; each must have 1 .. {config.max_seq_len}")
     params = jax.tree.map(jnp.asarray, params)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     results: list = [None] * len(sequences)
@@ -116,9 +117,9 @@ def score_continuations(params, config: ModelConfig, pairs, batch_tokens: int = 
     for i, (context, continuation) in enumerate(pairs):
         context, continuation = [int(t) for t in context], [int(t) for t in continuation]
         if not continuation or not context:
-            raise ValueError(f"pair {i}: the context and the continuation each need at least one token")
+            raise ArgumentError(f"pair {i}: the context and the continuation each need at least one token")
         if len(continuation) >= config.max_seq_len:
-            raise ValueError(f"pair {i}: a continuation of {len(continuation)} tokens does not fit the context "
+            raise ArgumentError(f"pair {i}: a continuation of {len(continuation)} tokens does not fit the context "
                              f"window of {config.max_seq_len}")
         whole = (context + continuation)[-config.max_seq_len:]
         sequences.append(whole)
@@ -133,7 +134,7 @@ def windows(n: int, width: int, stride: int) -> list[tuple[int, int, int]]:
     once with windows of at most `width` tokens: the first window scores from token 1; each later one starts
     `stride` tokens before the previous end, so every token it scores sees at least `stride` tokens of context."""
     if not 1 <= stride < width:
-        raise ValueError(f"stride={stride} must be in [1, {width}) (the window is {width} tokens)")
+        raise ArgumentError(f"stride={stride} must be in [1, {width}) (the window is {width} tokens)")
     out, end = [], 0
     while end < n:
         start = max(0, end - stride)

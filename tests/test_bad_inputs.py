@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_jax import generate_cli, hf, tokenizer, train_cli
-from llama_jax.runtime import RunLock
+from llama_jax.checkpoints import hf
+from llama_jax.cli import generate as generate_cli
+from llama_jax.cli import hf as hf_cli
+from llama_jax.cli import tokenizer as tokenizer_cli
+from llama_jax.cli import train as train_cli
+from llama_jax.train.runtime import RunLock
 
 WORDS = "the king queen castle sword crown night day love war peace river stone fire".split()
 TINY = ["--model.vocab_size=320", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=4",
@@ -81,7 +85,7 @@ def assert_one_error_line(err: str, *needles: str):
         assert needle in errors[0], (needle, errors[0])
 
 
-TOOLS = {"train": train_cli.main, "generate": generate_cli.main, "hf": hf.main, "tokenizer": tokenizer.main}
+TOOLS = {"train": train_cli.main, "generate": generate_cli.main, "hf": hf_cli.main, "tokenizer": tokenizer_cli.main}
 
 
 def _case(tool, argv, needles, setup=None, watch="run", code=2):
@@ -126,7 +130,7 @@ def _hf_dir(kind):
             (h / "model.safetensors").write_bytes(b"\0" * 16)
             shutil.copy(d / "run" / "tokenizer.model", h / "tokenizer.model")
         elif kind == "truncated":
-            from llama_jax import checkpoint
+            from llama_jax.checkpoints import run_dir as checkpoint
 
             config, params, _ = checkpoint.load_run_params(d / "run")
             hf.save_hf_checkpoint(h, config, params)

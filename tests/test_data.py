@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax import data
-from llama_jax.data import DataError, Loader, LoaderState
-from llama_jax.tokenizer import train_tokenizer
+from llama_jax.data import corpus as data
+from llama_jax.data import token_files
+from llama_jax.data.corpus import DataError, Loader, LoaderState
+from llama_jax.text.tokenizer import train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -56,7 +57,7 @@ def test_token_file_equals_direct_encoding(corpus, tok, tmp_path):
     expected = [tok.encode(t, bos=True, eos=True) for _, t in data.iter_documents(root)]
     got = []
     for split in ("train", "val"):
-        tf = data.open_split(tmp_path / "prep", split, tok)
+        tf = token_files.open_split(tmp_path / "prep", split, tok)
         assert tf.tokens.dtype == np.uint16
         bounds = list(tf.doc_starts) + [tf.n_tokens]
         got += [list(map(int, tf.tokens[a:b])) for a, b in zip(bounds, bounds[1:])]
@@ -88,7 +89,7 @@ def test_corpus_larger_than_chunk_size(corpus, tok, tmp_path):
 def prepared(corpus, tok, tmp_path):
     root, _ = corpus
     data.prepare(root, tok, tmp_path / "prep", val_fraction=0.1, progress=False)
-    return data.open_split(tmp_path / "prep", "train", tok)
+    return token_files.open_split(tmp_path / "prep", "train", tok)
 
 
 def test_one_epoch_covers_windows_without_overlap(prepared):
@@ -176,7 +177,7 @@ def test_token_file_from_another_tokenizer_is_refused(corpus, tok, tmp_path):
     data.prepare(root, tok, tmp_path / "prep", progress=False)
     other = train_tokenizer(make_docs(100, 9), 300, tmp_path / "other.model")
     with pytest.raises(DataError, match="prepared with a different tokenizer"):
-        data.open_split(tmp_path / "prep", "train", other)
+        token_files.open_split(tmp_path / "prep", "train", other)
     with pytest.raises(DataError, match="holds tokens from a different tokenizer"):
         data.prepare(root, other, tmp_path / "prep", progress=False)
 

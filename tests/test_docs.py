@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_jax.cli import hf as hf_cli
 from tests.test_bad_inputs import TINY, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,8 @@ def test_the_api_reference_builds_and_every_docstring_reference_resolves(tmp_pat
     r = subprocess.run([sys.executable, "docs/build_api.py", "--out", str(tmp_path / "api")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    for module in ("llama_jax", "llama_jax/model", "llama_jax/loop", "llama_jax/engine",
-                   "llama_jax/examples/dialogues"):
+    for module in ("llama_jax", "llama_jax/model", "llama_jax/train/loop", "llama_jax/serve/engine",
+                   "llama_jax/examples/dialogues", "llama_jax/cli/train"):
         assert (tmp_path / "api" / f"{module}.html").is_file()
     assert 'id="forward"' in (tmp_path / "api" / "llama_jax" / "model.html").read_text()
     assert 'id="generate"' in (tmp_path / "api" / "llama_jax.html").read_text()  # the public API's page
@@ -148,7 +149,7 @@ def _run_parser(main, argv):
 
 
 def _check_train(argv):
-    from llama_jax import train_cli
+    from llama_jax.cli import train as train_cli
     from llama_jax.config import ConfigError, load_run_config
 
     try:
@@ -164,7 +165,7 @@ def _check_train(argv):
 
 
 def _check_generate(argv):
-    from llama_jax import generate_cli
+    from llama_jax.cli import generate as generate_cli
 
     try:
         with contextlib.redirect_stdout(open(os.devnull, "w")):
@@ -207,12 +208,12 @@ def _build_api(argv):
 
 TOOLS = {"train.py": _check_train, "llama-jax-train": _check_train,
          "generate.py": _check_generate, "llama-jax-generate": _check_generate,
-         "serve.py": _module_main("llama_jax.serve_cli"), "llama-jax-serve": _module_main("llama_jax.serve_cli"),
-         "-m llama_jax.eval": _module_main("llama_jax.eval"), "llama-jax-eval": _module_main("llama_jax.eval"),
-         "-m llama_jax.hf": _module_main("llama_jax.hf"), "llama-jax-hf": _module_main("llama_jax.hf"),
-         "-m llama_jax.tokenizer": _module_main("llama_jax.tokenizer"),
-         "llama-jax-tokenizer": _module_main("llama_jax.tokenizer"),
-         "-m llama_jax.examples.dialogues": _module_main("llama_jax.examples.dialogues"),
+         "serve.py": _module_main("llama_jax.cli.serve"), "llama-jax-serve": _module_main("llama_jax.cli.serve"),
+         "-m llama_jax.eval": _module_main("llama_jax.cli.eval"), "llama-jax-eval": _module_main("llama_jax.cli.eval"),
+         "-m llama_jax.hf": _module_main("llama_jax.cli.hf"), "llama-jax-hf": _module_main("llama_jax.cli.hf"),
+         "-m llama_jax.tokenizer": _module_main("llama_jax.cli.tokenizer"),
+         "llama-jax-tokenizer": _module_main("llama_jax.cli.tokenizer"),
+         "-m llama_jax.examples.dialogues": _module_main("llama_jax.cli.dialogues"),
          "docs/build_api.py": _build_api}
 ELSEWHERE = {"pip", "venv", "pytest", "build"}  # python -m X of other tools
 
@@ -275,13 +276,13 @@ def test_every_documented_command_names_flags_keys_and_files_that_exist(tmp_path
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A directory holding runs/tiny (a small trained run) and hf/tiny (its export), where the snippets run."""
-    from llama_jax import hf, train_cli
+    from llama_jax.cli import train as train_cli
 
     root = tmp_path_factory.mktemp("docs")
     corpus = write_corpus(root / "corpus")
     assert train_cli.main(TINY + [f"--data.path={corpus}", "--run-dir", str(root / "runs" / "tiny"),
                                   "--train.steps=2"]) == 0
-    assert hf.main(["export", "--checkpoint", str(root / "runs" / "tiny"), "--out", str(root / "hf" / "tiny")]) == 0
+    assert hf_cli.main(["export", "--checkpoint", str(root / "runs" / "tiny"), "--out", str(root / "hf" / "tiny")]) == 0
     return root
 
 

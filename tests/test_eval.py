@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import llama_jax as lj
-from llama_jax import eval as ev
-from llama_jax import generate_cli, sampling, score
-from llama_jax.tokenizer import train_tokenizer
+from llama_jax import sampling, score
+from llama_jax.cli import eval as eval_cli
+from llama_jax.cli import generate as generate_cli
+from llama_jax.text.tokenizer import train_tokenizer
 from tests.hf_util import make_hf_llama
 
 TEXT = ("The king rode to the castle at night, and the queen waited by the river. 世界 🦊 Once upon a time, a fox "
@@ -33,7 +34,7 @@ def hf_dir(tmp_path_factory):
 
 def run_json(capsys, argv):
     capsys.readouterr()
-    assert ev.main(argv + ["--json"]) == 0
+    assert eval_cli.main(argv + ["--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -178,6 +179,6 @@ def test_bad_inputs_get_one_line(hf_dir, tmp_path, capsys, case):
         argv, message = ["perplexity", "--checkpoint", model, "--data", str(tmp_path / "x.txt"), "--stride", "64"], \
             "--stride=64"
     capsys.readouterr()
-    assert ev.main(argv) == 2
+    assert eval_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1

@@ -16,8 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, generate_cli, hf, train_cli
-from llama_jax.metrics import read_metrics
+from llama_jax.checkpoints import hf
+from llama_jax.checkpoints import run_dir as checkpoint
+from llama_jax.cli import generate as generate_cli
+from llama_jax.cli import hf as hf_cli
+from llama_jax.cli import train as train_cli
+from llama_jax.train.metrics import read_metrics
 from tests.test_bad_inputs import TINY, assert_one_error_line, generate_cli_text, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +120,7 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_previous_one_used(good, co
         assert train_cli.main(common + ["--run-dir", str(tmp_path / "ft"), "--init-from", str(run),
                                         "--train.steps=2"]) == 0
     else:
-        assert hf.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+        assert hf_cli.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
         config, params = hf.load_hf_checkpoint(tmp_path / "hf")
         _, ref, _ = checkpoint.load_run_params(good, 4)
         np.testing.assert_array_equal(params["embed"], ref["embed"])
@@ -242,7 +246,7 @@ def test_the_tiny_vocabulary_trains_on_a_chinese_corpus(tmp_path, capsys):
     run = tmp_path / "run"
     assert train_cli.main(TINY[:1] + ["--model.vocab_size=2048"] + TINY[1:] + [f"--data.path={corpus}", "--run-dir",
                                                                                str(run), "--train.steps=2"]) == 0
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.text.tokenizer import Tokenizer
 
     tok = Tokenizer(run / "tokenizer.model")
     sample = (corpus / "3.txt").read_text()
@@ -293,11 +297,11 @@ def test_resume_survives_a_metrics_line_cut_off_by_a_kill(good, corpus, tmp_path
 def test_files_are_written_with_the_users_umask(good, tmp_path):
     old = os.umask(0o022)
     try:
-        from llama_jax.tokenizer import train_tokenizer
+        from llama_jax.text.tokenizer import train_tokenizer
 
         tok = train_tokenizer(["the king and the queen"] * 50, 300, tmp_path / "t" / "tokenizer.model")
         assert (tok.model_file.stat().st_mode & 0o777) == 0o644
-        assert hf.main(["export", "--checkpoint", str(good), "--out", str(tmp_path / "hf")]) == 0
+        assert hf_cli.main(["export", "--checkpoint", str(good), "--out", str(tmp_path / "hf")]) == 0
         assert ((tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777) == 0o644
     finally:
         os.umask(old)
@@ -305,10 +309,10 @@ def test_files_are_written_with_the_users_umask(good, tmp_path):
 
 def test_export_overwrite_removes_stale_shards(good, tmp_path):
     out = tmp_path / "hf"
-    assert hf.main(["export", "--checkpoint", str(good), "--out", str(out), "--max-shard-gb", "0.00005"]) == 0
+    assert hf_cli.main(["export", "--checkpoint", str(good), "--out", str(out), "--max-shard-gb", "0.00005"]) == 0
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
-    assert hf.main(["export", "--checkpoint", str(good), "--out", str(out), "--overwrite"]) == 0
+    assert hf_cli.main(["export", "--checkpoint", str(good), "--out", str(out), "--overwrite"]) == 0
     assert not list(out.glob("model-*")) and not (out / "model.safetensors.index.json").exists()
     assert (out / "model.safetensors").is_file()
     tok = checkpoint.tokenizer_of(checkpoint.load_run_params(good)[2], good)

@@ -12,10 +12,11 @@ import torch
 
 import llama_jax as lj
 from llama_jax import decode as G
-from llama_jax import generate_cli, sampling
-from llama_jax.generate_cli import TextStream, chat_loop
+from llama_jax import sampling
+from llama_jax.cli import generate as generate_cli
+from llama_jax.cli.generate import TextStream, chat_loop
 from llama_jax.model import unstack_layers
-from llama_jax.tokenizer import train_tokenizer
+from llama_jax.text.tokenizer import train_tokenizer
 from tests.hf_util import make_hf_llama
 
 ROOT = Path(__file__).resolve().parents[1]

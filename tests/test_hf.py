@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import llama_jax as lj
+from llama_jax.cli import hf as hf_cli
 from tests.hf_util import make_hf_llama
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -100,7 +101,7 @@ def test_import_and_export_commands_round_trip_with_tokenizer(tmp_path):
     import sys
     from pathlib import Path
 
-    from llama_jax.tokenizer import train_tokenizer
+    from llama_jax.text.tokenizer import train_tokenizer
 
     root = Path(__file__).resolve().parents[1]
     hf_dir = tmp_path / "hf"
@@ -181,15 +182,16 @@ def test_export_behaves_like_the_project_in_auto_tokenizer_and_llama(tmp_path):
     LlamaForCausalLM the same greedy tokens."""
     import transformers
 
-    from llama_jax import chat, checkpoint, hf
-    from llama_jax.tokenizer import HFTokenizer, load_tokenizer, train_tokenizer
+    from llama_jax.checkpoints import run_dir as checkpoint
+    from llama_jax.text import chat_template as chat
+    from llama_jax.text.tokenizer import HFTokenizer, load_tokenizer, train_tokenizer
 
     text = "The king rode to the castle at night, and the queen waited.  Two  spaces\n\tand a tab. 世界 🦊\n"
     tok = train_tokenizer([text * 20], 300, tmp_path / "tok" / "tokenizer.model")
     make_hf_llama(tmp_path / "src", vocab_size=320, hidden_size=64, layers=2, heads=4, kv_heads=2, ffn=96)
     (tmp_path / "src" / "tokenizer.model").write_bytes(tok.model_bytes)
-    assert hf.main(["import", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
-    assert hf.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert hf_cli.main(["import", "--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
+    assert hf_cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     as_json = load_tokenizer(tmp_path / "out")  # tokenizer.json, as tools that read only that file see it
     assert isinstance(as_json, HFTokenizer)

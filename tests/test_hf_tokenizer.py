@@ -13,8 +13,11 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import llama_jax as lj
-from llama_jax import chat, generate_cli
-from llama_jax.tokenizer import HFTokenizer, TextStream, load_tokenizer
+from llama_jax.cli import generate as generate_cli
+from llama_jax.data import chat as chat_data
+from llama_jax.data import token_files
+from llama_jax.text import chat_template as chat
+from llama_jax.text.tokenizer import HFTokenizer, TextStream, load_tokenizer
 from tests.hf_util import make_hf_llama
 
 TEXTS = [
@@ -188,7 +191,7 @@ def test_the_fine_tuning_mask_covers_exactly_the_assistant_replies_for_any_templ
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"},
                 {"role": "assistant", "content": "Four."}, {"role": "user", "content": "Thanks!"},
                 {"role": "assistant", "content": "You are welcome 🦊"}]
-    tokens, mask = chat.encode(tok, messages, template)
+    tokens, mask = chat_data.encode(tok, messages, template)
     end = chat.template_stop_tokens(tok, template)
     if template_name == "project":  # these tokenizers have no <|end|> piece: the project's template ends turns in text
         assert end == ()
@@ -209,7 +212,7 @@ def test_the_fine_tuning_mask_covers_exactly_the_assistant_replies_for_any_templ
 def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     """--data.tokenizer takes a Hugging Face directory; the run keeps its files; --init-from a Hugging Face
     directory with only tokenizer.json fine-tunes on dialogues rendered with its own template."""
-    from llama_jax import data, train_cli
+    from llama_jax.cli import train as train_cli
 
     hf_dir = tmp_path / "hf"
     auto = build(hf_dir, "llama3")
@@ -228,7 +231,7 @@ def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     assert train_cli.main(args + ["--train.steps=3"]) == 0
     assert (run / "tokenizer.json").is_file() and not (run / "tokenizer.model").exists()
     tok = load_tokenizer(hf_dir)
-    split = data.open_split(run / "data", "train", tok)
+    split = token_files.open_split(run / "data", "train", tok)
     first = split.tokens[: split.doc_starts[1]].tolist() if len(split.doc_starts) > 1 else split.tokens.tolist()
     assert first[0] == auto.bos_token_id and first[-1] == auto.eos_token_id
     ckpt = lj.load_checkpoint(run)
@@ -244,7 +247,7 @@ def test_train_resume_and_fine_tune_with_a_tokenizer_json(tmp_path, capsys):
     assert train_cli.main(small + ["--init-from", str(hf_dir), "--data.format=chat", f"--data.path={dialogues}",
                                    "--run-dir", str(ft), "--train.steps=2", "--train.seq_len=96",
                                    "--model.max_seq_len=128"]) == 0
-    split = data.open_split(ft / "data", "train", tok)
+    split = token_files.open_split(ft / "data", "train", tok)
     n = split.doc_starts[1] if len(split.doc_starts) > 1 else split.n_tokens
     tokens, mask = split.tokens[:n].tolist(), split.target_mask[:n].tolist()
     assert tokens == ids_of(auto.apply_chat_template(conv["messages"], tokenize=True))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import llama_jax as lj
-from llama_jax.llama2c import MAGIC, Llama2cError, load_llama2c
+from llama_jax.checkpoints.llama2c import MAGIC, Llama2cError, load_llama2c
+from llama_jax.cli import hf as hf_cli
 from tests.hf_util import make_hf_llama
 
 REFDATA = Path(__file__).resolve().parent / "data"  # real trained weights and run.c's output (see its README)
@@ -99,8 +100,8 @@ def test_unsupported_and_damaged_files_get_one_line(tmp_path):
 
 
 def test_generate_py_and_import_read_a_llama2c_file(tmp_path, capsys):
-    from llama_jax import generate_cli, hf
-    from llama_jax.tokenizer import train_tokenizer
+    from llama_jax.cli import generate as generate_cli
+    from llama_jax.text.tokenizer import train_tokenizer
 
     text = "once upon a time there was a little fox who liked to run in the green forest. " * 40
     tok = train_tokenizer([text], 300, tmp_path / "tok" / "tokenizer.model")
@@ -120,14 +121,15 @@ def test_generate_py_and_import_read_a_llama2c_file(tmp_path, capsys):
     assert generate_cli.main(["--checkpoint", str(tmp_path / "stories.bin"), *argv]) == 2
     assert "no tokenizer.json or tokenizer.model beside the checkpoint" in capsys.readouterr().err
     # Imported into a run directory, it samples the same.
-    assert hf.main(["import", "--checkpoint", str(tmp_path / "stories.bin"), "--tokenizer",
+    assert hf_cli.main(["import", "--checkpoint", str(tmp_path / "stories.bin"), "--tokenizer",
                     str(tmp_path / "tok" / "tokenizer.model"), "--out", str(tmp_path / "run")]) == 0
     capsys.readouterr()
     assert generate_cli.main(["--checkpoint", str(tmp_path / "run"), *argv]) == 0
     assert capsys.readouterr().out.rstrip("\n") == expected
     # --init-from takes it too, its tokenizer named by --data.tokenizer (or found beside the file).
-    from llama_jax import loop, train_cli
+    from llama_jax.cli import train as train_cli
     from llama_jax.config import load_run_config
+    from llama_jax.train import loop
 
     init = ["train.init_from=" + str(tmp_path / "stories.bin")]
     assert train_cli.main(["--run-dir", str(tmp_path / "ft"), "--init-from", str(tmp_path / "stories.bin")]) == 2

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import train as T
+from llama_jax import optim
 from llama_jax.matmul import matmul
+from llama_jax.train import step as T
 from tests.test_train import small_setup
 
 
@@ -64,7 +65,7 @@ def test_bfloat16_train_step_multiplies_bfloat16_on_the_cpu(tie_embeddings, scan
     # keep the plain products: no optimization barriers in their step.
     config, train, batch = small_setup()
     config = dataclasses.replace(config, dtype="bfloat16", tie_embeddings=tie_embeddings, scan_layers=scan_layers)
-    state = T.init_state(config, train, jax.random.key(0))
+    state = optim.init_state(config, train, jax.random.key(0))
     step, _ = T.jit_steps(config, train)
     lowered = step.lower(state, batch)
     if jax.default_backend() == "cpu":
@@ -77,7 +78,7 @@ def test_bfloat16_train_step_multiplies_bfloat16_on_the_cpu(tie_embeddings, scan
     # It runs (a product XLA routes to its generic kernel with bfloat16 operands fails at run time) and learns
     # what float32 learns.
     f32_config = dataclasses.replace(config, dtype="float32")
-    f32_state = T.init_state(f32_config, train, jax.random.key(0))
+    f32_state = optim.init_state(f32_config, train, jax.random.key(0))
     f32_step, _ = T.jit_steps(f32_config, train)
     losses = []
     for _ in range(4):

@@ -281,6 +281,26 @@ def test_cached_forward_equals_full_forward(small_config):
             np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 
+def test_kv_cache_is_a_pytree_of_per_layer_slabs(small_config):
+    cache = lj.init_cache(small_config, 3, 16)
+    K, H = small_config.n_kv_heads, small_config.head_dim
+    assert isinstance(cache, lj.KVCache) and cache.max_len == 16
+    leaves = jax.tree.leaves(cache)
+    assert len(leaves) == 2 * small_config.n_layers and all(x.shape == (3 * K, 16, H) for x in leaves)
+    # It passes through jit (and donation) as a pytree and comes back the same type, written only where asked:
+    # entry b * K + k of a layer's slab is KV head k of row b.
+    params = lj.init_params(small_config, jax.random.key(0))
+    step = jax.jit(lambda c, t, p: lj.forward_cached(params, t, p, c, small_config)[1], donate_argnums=0)
+    tokens, positions = jnp.array([[5], [6], [7]]), jnp.array([[2], [0], [9]])
+    cache = step(cache, tokens, positions)
+    assert isinstance(cache, lj.KVCache)
+    written = np.asarray(jnp.any(cache.k[0] != 0, axis=-1))  # [Z, S]
+    expected = np.zeros_like(written)
+    for b, pos in enumerate([2, 0, 9]):
+        expected[b * K:(b + 1) * K, pos] = True
+    np.testing.assert_array_equal(written, expected)
+
+
 def test_init_params_structure_and_statistics(small_config):
     params = lj.init_params(small_config, jax.random.key(0))
     c = small_config

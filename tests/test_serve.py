@@ -20,8 +20,9 @@ import openai
 import pytest
 
 import llama_jax as lj
-from llama_jax import chat, score
-from llama_jax.tokenizer import train_tokenizer
+from llama_jax import score
+from llama_jax.text import chat_template as chat
+from llama_jax.text.tokenizer import train_tokenizer
 from tests.hf_util import make_hf_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,8 +340,9 @@ def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served
 
     import uvicorn
 
-    from llama_jax.engine import QueueFull
-    from llama_jax.server import Server
+    from llama_jax.errors import ArgumentError
+    from llama_jax.serve.api import Server
+    from llama_jax.serve.engine import EngineStopping, QueueFull
 
     ckpt = served[2]
 
@@ -370,9 +372,13 @@ def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served
         for stream in (False, True):
             status, answer, headers = _post(port, "/v1/completions", {"prompt": "x", "stream": stream})
             assert status == 429 and headers["retry-after"] == "1" and "busy" in answer["error"]["message"]
-        engine.error = RuntimeError("the engine is shutting down")
+        engine.error = EngineStopping("the engine is shutting down")
         status, answer, headers = _post(port, "/v1/completions", {"prompt": "x"})
         assert status == 503 and headers["retry-after"] == "1"
+        # A refused field is named by the engine's error itself, whatever its message says.
+        engine.error = ArgumentError("seed: not this one: odd=1", "seed")
+        status, answer, _ = _post(port, "/v1/completions", {"prompt": "x"})
+        assert status == 400 and answer["error"]["param"] == "seed"
         status, answer, _ = _post(port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert status == 400 and answer["error"]["param"] == "messages"  # no chat template: use completions
     finally:
@@ -382,7 +388,7 @@ def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served
 
 @pytest.mark.parametrize("max_len", [2, 5])
 def test_an_engine_shorter_than_a_prompt_bucket_still_serves_up_to_its_length(max_len):
-    from llama_jax.engine import Engine, Request
+    from llama_jax.serve.engine import Engine, Request
 
     config = lj.ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)
     params = lj.init_params(config, jax.random.key(0))

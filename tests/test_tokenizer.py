@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from llama_jax.tokenizer import Tokenizer, TokenizerError, train_tokenizer
-from llama_jax.tokenizer_json import ConversionError, sentencepiece_to_json
+from llama_jax.text.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from llama_jax.text.tokenizer_json import ConversionError, sentencepiece_to_json
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20 + "\n"
           "今天天气真好，我们去公园散步吧。\n" "Emoji: 😀🎉🚀 and numbers 12345 67890.\n"
@@ -81,7 +81,7 @@ def test_tokenizer_json_encodes_and_decodes_as_the_sentencepiece_model(tok, tmp_
     bytes, chat markers), for the models trained here and for a Llama-2-style one that adds a dummy prefix."""
     import sentencepiece as spm
 
-    from llama_jax.tokenizer import HFTokenizer
+    from llama_jax.text.tokenizer import HFTokenizer
 
     if dummy_prefix:  # as Meta trained Llama 2's: a "▁" before the text, whitespace runs not kept as pieces
         spm.SentencePieceTrainer.Train(

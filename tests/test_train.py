@@ -15,10 +15,12 @@ import optax
 import pytest
 
 import llama_jax as lj
-from llama_jax import checkpoint, sharding, train_cli
-from llama_jax import train as T
+from llama_jax import optim, sharding
+from llama_jax.checkpoints import run_dir as checkpoint
+from llama_jax.cli import train as train_cli
 from llama_jax.config import TrainConfig
-from llama_jax.metrics import read_metrics
+from llama_jax.train import step as T
+from llama_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the king queen castle sword crown night day love war peace river stone fire".split()
@@ -100,7 +102,8 @@ def test_the_run_s_named_steps_called_one_by_one_equal_train_py(corpus, tmp_path
     assert train_cli.main(train_args(corpus, tmp_path / "cli", *extra)) == 0
     _, overrides = train_cli.parse_args(train_args(corpus, tmp_path / "unused", *extra))
     page = (ROOT / "docs" / "train.md").read_text()
-    code = re.search(r"```python\n(from pathlib import Path\nfrom llama_jax import loop\n.*?)```", page, re.S).group(1)
+    code = re.search(r"```python\n(from pathlib import Path\nfrom llama_jax.train import loop\n.*?)```", page,
+                     re.S).group(1)
     for old, new in [('"runs/notebook"', repr(str(tmp_path / "steps"))), ('["train.steps=20"]', repr(overrides)),
                      ('"configs/tiny.yaml"', "None")]:
         assert old in code, f"docs/train.md's snippet no longer has {old}"
@@ -192,14 +195,14 @@ def small_setup(**train_kwargs):
 def test_weight_decay_mask_covers_exactly_the_matrices():
     config, _, _ = small_setup()
     params = lj.init_params(config, jax.random.key(0))
-    mask = T.decay_mask(params)
+    mask = optim.decay_mask(params)
     assert mask["layers"] == {"attn_norm": False, "wq": True, "wk": True, "wv": True, "wo": True,
                               "ffn_norm": False, "w_gate": True, "w_up": True, "w_down": True}
     assert mask["embed"] is False and mask["final_norm"] is False and mask["lm_head"] is True
-    assert T.decay_mask(params, decay_embeddings=True)["embed"] is True
+    assert optim.decay_mask(params, decay_embeddings=True)["embed"] is True
     # Behaviourally: with zero gradients only the decayed leaves move.
     train = TrainConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, grad_clip=0)
-    opt = T.make_optimizer(train)
+    opt = optim.make_optimizer(train)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
@@ -209,7 +212,7 @@ def test_weight_decay_mask_covers_exactly_the_matrices():
 def test_gradient_accumulation_equals_one_big_batch():
     config, train, batch = small_setup()
     acc = TrainConfig(**{**train.__dict__, "grad_accum": 4})
-    params = T.init_state(config, train, jax.random.key(0)).params
+    params = optim.init_state(config, train, jax.random.key(0)).params
     # What accumulation must make equal, tightly: the summed loss and gradients (only the order of additions differs).
     grads = jax.jit(T.accumulate_gradients, static_argnums=(2, 3))
     g1, (ce1, _, n1) = grads(params, batch, config, train)
@@ -220,8 +223,8 @@ def test_gradient_accumulation_equals_one_big_batch():
                  g1, g4)
 
     step = jax.jit(T.train_step, static_argnums=(2, 3))
-    big, m1 = step(T.init_state(config, train, jax.random.key(0)), batch, config, train)
-    small, m4 = step(T.init_state(config, train, jax.random.key(0)), batch, config, acc)
+    big, m1 = step(optim.init_state(config, train, jax.random.key(0)), batch, config, train)
+    small, m4 = step(optim.init_state(config, train, jax.random.key(0)), batch, config, acc)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     # The updated parameters: Adam's first step moves each weight by lr * g / (|g| + eps) (plus decay), so a weight
     # whose gradient is near zero turns a last-bit difference in g into a visible one. Allowed per weight: lr times
@@ -288,7 +291,7 @@ def test_loss_gradient_contracts_one_token_axis(scan_layers):
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "wsd"])
 def test_lr_schedules(schedule):
     t = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
-    f = T.lr_schedule(t)
+    f = optim.lr_schedule(t)
     assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5) and float(f(10)) == pytest.approx(1.0)
     end = {"cosine": 0.1, "constant": 1.0, "wsd": 0.1}[schedule]
     assert float(f(100)) == pytest.approx(end, abs=1e-6)

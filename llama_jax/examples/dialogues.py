@@ -8,7 +8,6 @@ repeating a word, and naming the colour of a few things, one to three turns per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -48,19 +47,17 @@ def conversations(n: int, seed: int = 0):
         yield {"messages": messages}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llama_jax.examples.dialogues", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = Path(args.out)
+def write(out, n: int = 3000, seed: int = 0) -> Path:
+    """Writes n conversations to the JSONL file `out` (its folder is created) and returns its path."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        for conv in conversations(args.n, args.seed):
+        for conv in conversations(n, seed):
             f.write(json.dumps(conv) + "\n")
-    print(f"wrote {args.n} conversations to {out}")
+    return out
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line is llama_jax/cli/dialogues.py
+    from llama_jax.cli import run
+
+    run("dialogues")

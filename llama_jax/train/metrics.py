@@ -1,4 +1,5 @@
-"""Training metrics: metrics.jsonl (one JSON object per row), TensorBoard event files and the loss-curve PNG."""
+"""Training metrics: metrics.jsonl (one JSON object per row), TensorBoard event files, the loss-curve PNG, and the
+peak FLOP/s that MFU is measured against."""
 
 from __future__ import annotations
 
@@ -83,3 +84,24 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def measure_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
+    """FLOP/s of a large square matmul on the default device: the denominator of MFU on machines without a
+    published peak (CPUs). Best of a few runs."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.matmul import matmul
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: matmul(a, a, out_dtype=jnp.float32))  # the model's products (16-bit accumulate in f32)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

@@ -16,12 +16,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from llama_jax import chat
-from llama_jax.checkpoint import checkpoint_kind, load_run_params, tokenizer_of
+from llama_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint
+from llama_jax.checkpoints.llama2c import load_llama2c
+from llama_jax.checkpoints.run_dir import load_run_params, tokenizer_of
 from llama_jax.config import ConfigError, ModelConfig
-from llama_jax.hf import CheckpointError, load_hf_checkpoint
-from llama_jax.llama2c import load_llama2c
-from llama_jax.tokenizer import TokenizerError, load_tokenizer
+from llama_jax.text import chat_template
+from llama_jax.text.tokenizer import TokenizerError, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
     if kind == "run":
         config, params, meta = load_run_params(path, step)
         tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_of(meta, path)
-        template = tok.chat_template or chat.PROJECT_TEMPLATE
+        template = tok.chat_template or chat_template.PROJECT_TEMPLATE
         source = f"run directory {path}, step {meta['step']}"
     elif kind == "llama2c":
         config, params = load_llama2c(path)
@@ -60,8 +60,8 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
         config, params = load_hf_checkpoint(path)
         tok = load_tokenizer(tokenizer or _beside(path, path, flags[1]))
         template = getattr(tok, "chat_template", None)
-        if template is None and tok.token_id(chat.END) is not None:
-            template = chat.PROJECT_TEMPLATE  # exported from a run trained here (before templates were exported)
+        if template is None and tok.token_id(chat_template.END) is not None:
+            template = chat_template.PROJECT_TEMPLATE  # a run trained here, exported by an older version
         generation = _generation_config(path)
         source = f"Hugging Face directory {path}"
     if tok.vocab_size > config.vocab_size:
@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
                           f"is {config.vocab_size}; they do not belong together")
     eos = generation.get("eos_token_id")
     listed = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-    stops = [*listed, tok.eos_id, *(chat.template_stop_tokens(tok, template) if template else ())]
+    stops = [*listed, tok.eos_id, *(chat_template.template_stop_tokens(tok, template) if template else ())]
     stops = tuple(dict.fromkeys(int(t) for t in stops if isinstance(t, int) and 0 <= t < config.vocab_size))
     return Checkpoint(config, params, tok, template, stops, source)
 
@@ -90,3 +90,33 @@ def _generation_config(path: Path) -> dict:
     except ValueError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
     return config if isinstance(config, dict) else {}
+
+
+def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
+    """"run" (a training run directory: config.yaml and checkpoints/), "hf" (a Hugging Face directory:
+    config.json and safetensors weights) or "llama2c" (a llama2.c .bin file); anything else, or a directory that
+    is both a run and a Hugging Face checkpoint, is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{flag} {path}: no such file or directory")
+    if path.is_file() and path.suffix == ".bin":
+        return "llama2c"
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {path}: expected a training run directory, a Hugging Face directory or a "
+                          "llama2.c .bin file")
+    is_run = (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
+    is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
+    if is_run and is_hf:
+        raise ConfigError(f"{flag} {path}: holds both a training run (config.yaml, checkpoints/) and a Hugging Face "
+                          "checkpoint (config.json, *.safetensors); move one of them to its own directory")
+    if is_run:
+        return "run"
+    if is_hf:
+        return "hf"
+    if (path / "checkpoints").is_dir():
+        raise ConfigError(f"{flag} {path}: has checkpoints/ but no config.yaml (not a training run directory)")
+    if (path / "config.json").is_file():
+        raise ConfigError(f"{flag} {path}: has config.json but no *.safetensors weights (not a Hugging Face "
+                          "checkpoint directory with safetensors weights)")
+    raise ConfigError(f"{flag} {path}: neither a training run directory (config.yaml and checkpoints/) nor a "
+                      "Hugging Face Llama directory (config.json and *.safetensors) nor a llama2.c .bin file")

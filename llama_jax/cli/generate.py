@@ -10,22 +10,17 @@ from pathlib import Path
 
 import jax
 
-from llama_jax import chat
-from llama_jax.chat import ChatTemplateError
-from llama_jax.checkpoint import ResumeError
-from llama_jax.cli import USER_ERROR, ArgumentParser, fail, quiet_library_noise
-from llama_jax.config import ConfigError
+from llama_jax.checkpoints.load import load_checkpoint
+from llama_jax.cli.common import USER_ERROR, ArgumentParser, fail, quiet_library_noise
 from llama_jax.decode import generate, stream
-from llama_jax.hf import CheckpointError
-from llama_jax.llama2c import Llama2cError
-from llama_jax.load import load_checkpoint
+from llama_jax.errors import ArgumentError, UserError
 from llama_jax.sampling import check_sampling_args
-from llama_jax.tokenizer import TextStream as Detokenizer
-from llama_jax.tokenizer import TokenizerError
+from llama_jax.text import chat_template as chat
+from llama_jax.text.tokenizer import TextStream as Detokenizer
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(ValueError, UserError):
+    """A flag of generate.py out of range or in a combination that cannot work."""
 
 
 def parse_args(argv=None):
@@ -50,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--show-probs", type=int, metavar="K",
                    help="after the text, list for each generated token the K most likely candidates with their "
                         "probabilities after temperature and the filters (and which filter cut the others)")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (see llama_jax/chat.py)")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive multi-turn chat with the checkpoint's chat template (docs/generate.md)")
     p.add_argument("--system", help="system message for --chat")
     return p.parse_args(argv)
 
@@ -64,8 +60,8 @@ def check_args(args) -> list[str]:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    except ValueError as e:
-        raise UsageError("--" + str(e).replace("_", "-")) from None
+    except ArgumentError as e:  # named as the library names it (top_k=0); the user typed --top-k
+        raise UsageError("--" + str(e).replace(e.param, e.param.replace("_", "-"), 1)) from None
     if args.show_probs is not None and (args.show_probs < 1 or args.chat or len(args.prompt) + len(args.prompt_file)
                                         > 1 or args.num_samples != 1):
         raise UsageError("--show-probs K needs K >= 1 and one prompt (no --chat, --num-samples or second prompt)")
@@ -86,7 +82,7 @@ def check_args(args) -> list[str]:
 
 
 class TextStream:
-    """Prints tokens as UTF-8 text as it becomes complete (tokenizer.TextStream: a character split over byte
+    """Prints tokens as UTF-8 text as it becomes complete (text.tokenizer.TextStream: a character split over byte
     pieces is printed only when its last byte arrives)."""
 
     def __init__(self, tok, out=None, context=()):
@@ -254,8 +250,7 @@ def main(argv=None) -> int:
         run(args)
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
         return e.code if isinstance(e.code, int) else USER_ERROR
-    except (UsageError, ValueError, ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError,
-            ChatTemplateError) as e:
+    except UserError as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

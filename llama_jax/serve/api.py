@@ -1,10 +1,10 @@
-"""The OpenAI-compatible HTTP layer (a Starlette app, served by uvicorn: serve_cli.py) over the continuous-batching
+"""The OpenAI-compatible HTTP layer (a Starlette app, served by uvicorn: cli/serve.py) over the continuous-batching
 engine (engine.py).
 
     python serve.py --checkpoint runs/tiny          # then: curl http://127.0.0.1:8000/v1/completions ...
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions; streaming as server-sent
-events ending with `data: [DONE]`. Requests are checked field by field (openai_request.py): a bad one gets OpenAI's
+events ending with `data: [DONE]`. Requests are checked field by field (protocol.py): a bad one gets OpenAI's
 error object (400 naming the parameter, 404 for an unknown model, 429 with Retry-After when the queue is full) and
 the server keeps serving. A client that disconnects cancels its request, which frees its slot.
 """
@@ -21,10 +21,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from llama_jax import chat
-from llama_jax import openai_request as req
-from llama_jax.engine import TOP_LOGPROBS, Engine, Event, QueueFull, Request
-from llama_jax.openai_request import MAX_BODY, MAX_N, BadRequest, sampling_fields
+from llama_jax.errors import ArgumentError
+from llama_jax.serve import protocol as req
+from llama_jax.serve.engine import TOP_LOGPROBS, Engine, EngineStopping, Event, QueueFull, Request
+from llama_jax.serve.protocol import MAX_BODY, MAX_N, BadRequest, sampling_fields
+from llama_jax.text import chat_template as chat
 
 
 def error_response(e: BadRequest, headers: dict | None = None) -> JSONResponse:
@@ -294,18 +295,14 @@ class Server:
             job.request.emit = lambda e, q=job.queue: loop.call_soon_threadsafe(q.put_nowait, e)
             try:
                 self.engine.submit(job.request)
-            except QueueFull as err:
-                for done in jobs[:i]:
+            except (QueueFull, EngineStopping, ArgumentError) as err:
+                for done in jobs[:i]:  # a request's choices run all or none
                     self.engine.cancel(done.request.id)
-                raise BadRequest(f"the server is busy: {err}; retry later", status=429, code="queue_full") from None
-            except RuntimeError as err:
-                for done in jobs[:i]:
-                    self.engine.cancel(done.request.id)
-                raise BadRequest(f"the server is not taking requests: {err}", status=503) from None
-            except ValueError as err:
-                for done in jobs[:i]:
-                    self.engine.cancel(done.request.id)
-                raise BadRequest(str(err), str(err).split(":")[0].split("=")[0]) from None
+                if isinstance(err, QueueFull):
+                    raise BadRequest(f"the server is busy: {err}; retry later", status=429, code="queue_full") from None
+                if isinstance(err, EngineStopping):
+                    raise BadRequest(f"the server is not taking requests: {err}", status=503) from None
+                raise BadRequest(str(err), err.param) from None
 
     async def _run_all(self, request: HTTPRequest, jobs) -> list[Event] | None:
         """Every job's whole output; None if the client went away (its jobs are then cancelled)."""

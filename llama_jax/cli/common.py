@@ -1,14 +1,17 @@
-"""What every command-line tool of the project shares: the exit codes and one-line usage errors.
+"""What every command-line tool of the project shares: the argument parser, the config flags, exit codes and
+one-line usage errors, and quieting the libraries' own reports of a failure.
 
-Exit codes: 0 success, 2 a user error (one line on stderr starting with "error: "), 1 a bug (a traceback).
+Exit codes: 0 success, 2 a user error (a `UserError`: one line on stderr starting with "error: "), 1 a bug (a
+traceback), 128 + N when stopped by signal N.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
-from pathlib import Path
+
+from llama_jax.config import SECTIONS, field_comments
 
 USER_ERROR = 2
 
@@ -52,20 +55,20 @@ def fail(message: str) -> int:
     return USER_ERROR
 
 
-def write_atomic(path: str | Path, content: bytes) -> None:
-    """Replaces a file's content atomically: a kill mid-write leaves the old file whole and no temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def add_config_flags(parser) -> None:
+    """Adds `--section.key VALUE` (or `=VALUE`) for every config field to an argparse parser, one group per
+    section, with the field's type, default and comment as help. `overrides_from_args` reads them back."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings (override a preset: --{section}.KEY VALUE)")
+        comments = field_comments(cls)
+        for field in dataclasses.fields(cls):
+            default = field.default
+            text = comments.get(field.name, "")
+            group.add_argument(f"--{section}.{field.name}", dest=f"{section}.{field.name}", default=argparse.SUPPRESS,
+                               metavar=str(field.type).replace(" ", ""),
+                               help=f"{text} (default: {default!r})".replace("%", "%%"))
 
 
-def apply_umask(path: str | Path) -> None:
-    """Gives a file the permissions a plain open() would have: some writers (tempfile, safetensors) create files
-    0600, which hides a tokenizer or an exported model from the other users the umask allows."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+def overrides_from_args(args) -> list[str]:
+    """The `section.key=value` strings of the config flags given on the command line."""
+    return [f"{key}={value}" for key, value in vars(args).items() if "." in key and key.split(".")[0] in SECTIONS]

@@ -1,6 +1,6 @@
 """The OpenAI request parameters the server accepts, checked one by one: each has its type and range, the API's
 parameters this server does not implement are refused by name (unless given their neutral value), and any other
-name is refused as unknown. Every problem is one BadRequest naming the parameter; server.py turns it into OpenAI's
+name is refused as unknown. Every problem is one BadRequest naming the parameter; api.py turns it into OpenAI's
 error object."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
     -> begin_records (config.yaml, metrics) -> train_loop -> finish
 
 Nothing is written to the run directory until every check has passed; config.yaml only once the data is ready.
-Signals, the run directory's lock and several processes are runtime.py's; the flags are train_cli.py's.
+Signals, the run directory's lock and several processes are runtime.py's; the flags are cli/train.py's.
 """
 
 from __future__ import annotations
@@ -21,25 +21,25 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax import checkpoint, cli, data, model, sharding
-from llama_jax import train as T
+from llama_jax import files, model, optim, sharding
+from llama_jax.checkpoints import run_dir as checkpoint
 from llama_jax.config import ConfigError, RunConfig, dump_yaml, load_run_config
-from llama_jax.eval import EvalError, eval_sets, score_documents
-from llama_jax.hf import CheckpointError
-from llama_jax.llama2c import Llama2cError
-from llama_jax.metrics import MetricsWriter, plot_loss, truncate_after
-from llama_jax.runtime import RunLock, Signals, on_process_zero, stop_requested
-from llama_jax.shakespeare import default_corpus
-from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer
+from llama_jax.data import corpus as data
+from llama_jax.data.shakespeare import default_corpus
+from llama_jax.data.token_files import open_split
+from llama_jax.errors import UserError
+from llama_jax.eval import eval_sets, score_documents
+from llama_jax.text.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from llama_jax.train import step as T
+from llama_jax.train.metrics import MetricsWriter, measure_peak_flops, plot_loss, truncate_after
+from llama_jax.train.runtime import RunLock, Signals, on_process_zero, stop_requested
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RuntimeError, UserError):
     """A non-finite loss or gradient norm: the run stops before the update reaches a checkpoint."""
 
 
 SOURCE_RECORD = "tokenizer.source.json"  # in the run directory: what its own tokenizer was trained on
-ERRORS = (ConfigError, data.DataError, TokenizerError, checkpoint.ResumeError, checkpoint.SaveError,
-          CheckpointError, Llama2cError, EvalError, TrainingDiverged)
 
 
 def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | None = None) -> dict:
@@ -120,7 +120,7 @@ class Start:
     and its shardings, the step and the loader's position; and, when resuming, the restored checkpoint's metadata,
     or when starting from train.init_from, that checkpoint's tokenizer."""
     config: RunConfig
-    state: T.TrainState
+    state: optim.TrainState
     state_shard: Any
     step: int
     loader: data.LoaderState
@@ -136,7 +136,7 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start
         init_tok, model_config, init_params = _init_weights(config)
         config = dataclasses.replace(config, model=model_config)
     mc, tc = config.model, config.train
-    abstract = jax.eval_shape(lambda: T.init_state(mc, tc, jax.random.key(tc.seed)))
+    abstract = jax.eval_shape(lambda: optim.init_state(mc, tc, jax.random.key(tc.seed)))
     state_shard = sharding.state_shardings(abstract, sharding.param_specs(abstract.params, mesh), mesh)
     if resume:
         ckpt_dir = run_dir / "checkpoints"
@@ -152,7 +152,7 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start
                                          "moved aside as STEP.bad)")
         step, state, meta = got
         return Start(config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta)
-    init = jax.jit(lambda key, p: T.init_state(mc, tc, key, p), out_shardings=state_shard)
+    init = jax.jit(lambda key, p: optim.init_state(mc, tc, key, p), out_shardings=state_shard)
     state = init(jax.random.key(tc.seed), init_params)
     return Start(config, state, state_shard, 0, data.LoaderState(seed=tc.seed), tokenizer=init_tok)
 
@@ -160,7 +160,7 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start
 def _init_weights(config: RunConfig):
     """(tokenizer, model config, params) of train.init_from: a run directory, a Hugging Face directory or a
     llama2.c file (its tokenizer: data.tokenizer, or the one beside it)."""
-    from llama_jax.load import load_checkpoint
+    from llama_jax.checkpoints.load import load_checkpoint
 
     ckpt = load_checkpoint(config.train.init_from, tokenizer=config.data.tokenizer or None,
                            flags=("train.init_from", "data.tokenizer"))
@@ -179,7 +179,7 @@ def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
         raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")
     saved_train = saved_config.train
     layout = lambda tc: jax.tree.structure(jax.eval_shape(
-        lambda: T.make_optimizer(tc).init(jax.eval_shape(lambda: model.init_params(current.model,
+        lambda: optim.make_optimizer(tc).init(jax.eval_shape(lambda: model.init_params(current.model,
                                                                                    jax.random.key(0))))))
     if layout(saved_train) != layout(current.train):
         changed = [f"train.{k} (saved {getattr(saved_train, k)!r}, now {v!r})"
@@ -218,7 +218,7 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_tok, meta: 
     print(f"training a {config.data.tokenizer_type} tokenizer (vocab {config.model.vocab_size}) on the corpus",
           file=sys.stderr)
     if config.data.format == "chat":
-        from llama_jax.chat import conversation_texts
+        from llama_jax.data.chat import conversation_texts
 
         texts = conversation_texts(corpus, config.data.utf8_errors)
     else:
@@ -226,21 +226,21 @@ def prepare_tokenizer(config: RunConfig, run_dir: Path, corpus, init_tok, meta: 
                                                    config.data.utf8_errors))
     tok = train_tokenizer(texts, config.model.vocab_size, target, config.data.tokenizer_type)
     _keep_copy(tok, run_dir)
-    cli.write_atomic(run_dir / SOURCE_RECORD, json.dumps(record).encode())
+    files.write_atomic(run_dir / SOURCE_RECORD, json.dumps(record).encode())
     return _check_vocab(tok, config)
 
 
 def _keep_copy(tok, run_dir: Path) -> None:
     """The run directory's copy of its tokenizer's files (only those of its own kind: a stale tokenizer.json never
     sits beside a tokenizer.model)."""
-    from llama_jax.tokenizer import HFTokenizer
+    from llama_jax.text.tokenizer import HFTokenizer
 
     names = set(tok.files)
     for name in set(HFTokenizer.FILES) | {"tokenizer.model"}:
         path = run_dir / name
         if name in names:
             if not path.is_file() or path.read_bytes() != tok.files[name]:
-                cli.write_atomic(path, tok.files[name])
+                files.write_atomic(path, tok.files[name])
         else:
             path.unlink(missing_ok=True)
 
@@ -264,16 +264,17 @@ def prepare_data(config: RunConfig, run_dir: Path, corpus, tok, progress: bool):
     cache = Path(config.data.cache_dir or run_dir / "data")
     own_cache = config.data.cache_dir is None  # tokens of another tokenizer there are ours to replace
     if config.data.format == "chat":
-        from llama_jax.chat import PROJECT_TEMPLATE, prepare_chat
+        from llama_jax.data.chat import prepare_chat
+        from llama_jax.text.chat_template import PROJECT_TEMPLATE
 
         prepare_chat(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=config.train.seed,
                      seq_len=config.train.seq_len, utf8_errors=config.data.utf8_errors,
-                     template=tok.chat_template or PROJECT_TEMPLATE)
+                     template=tok.chat_template or PROJECT_TEMPLATE, replace_other_tokenizer=own_cache)
     else:
         data.prepare(corpus, tok, cache, val_fraction=config.data.val_fraction, seed=config.train.seed,
                      text_field=config.data.text_field, separator=config.data.separator,
                      utf8_errors=config.data.utf8_errors, progress=progress, replace_other_tokenizer=own_cache)
-    return data.open_split(cache, "train", tok), data.open_split(cache, "val", tok)
+    return open_split(cache, "train", tok), open_split(cache, "val", tok)
 
 
 def begin_records(config: RunConfig, run_dir: Path, start: Start) -> None:
@@ -408,7 +409,7 @@ class _Throughput:
     def __init__(self, config: RunConfig, step: int):
         tc = config.train
         self.tc, self.step, self.t = tc, step, None
-        self.peak = tc.peak_flops or T.measure_peak_flops(config.model.dtype)
+        self.peak = tc.peak_flops or measure_peak_flops(config.model.dtype)
         self.flops_per_token = model.flops_per_token(config.model, tc.seq_len)
 
     def tick(self, step: int, metrics) -> dict | None:

@@ -1,8 +1,7 @@
-"""Corpus -> token file on disk -> packed, shuffled, resumable batches.
+"""Corpus -> token files on disk -> packed, shuffled, resumable batches.
 
 prepare(): documents (files, directories, globs; .txt, .jsonl, .gz) are tokenized in bounded chunks on all cores
-into `{train,val}.bin` (flat uint16/uint32 tokens, BOS ... EOS per document) and `{train,val}.docs.npy` (document
-start offsets), then `meta.json` is written last, so a directory without it is never taken as complete.
+(BOS ... EOS per document) and written as token files (token_files.py: the format, the split, reuse).
 
 Loader: windows of seq_len + 1 tokens, in a permuted order drawn from (seed, epoch); each batch carries
 segment ids and per-document positions (packing) and a loss mask, and the iterator state after it.
@@ -13,9 +12,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import os
 import queue
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.data.token_files import DataError, TokenFile, TokenWriter, reusable, token_dtype
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """Bad corpus or dataset input; the message is one line naming the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,10 +168,6 @@ def _split_stream(f, head: bytes, path: Path, separator: str, utf8_errors: str, 
 # prepare: corpus -> token files.
 
 
-def token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-
-
 def _fingerprint(files: list[Path], options: dict) -> dict:
     return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files], **options}
 
@@ -195,91 +186,28 @@ def prepare(paths, tokenizer, out_dir: str | Path, *, val_fraction: float = 0.05
     own)."""
     from tqdm import tqdm
 
-    out = Path(out_dir)
     files = expand_paths(paths)
     options = {"tokenizer_sha256": tokenizer.checksum, "val_fraction": val_fraction, "seed": seed,
                "text_field": text_field, "separator": separator, "utf8_errors": utf8_errors}
     fingerprint = _fingerprint(files, options)
-    meta_file = out / "meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("fingerprint") == fingerprint:
-            return meta
-        if meta.get("tokenizer_sha256") != tokenizer.checksum and not replace_other_tokenizer:
-            raise DataError(f"{out}: holds tokens from a different tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
-                            f", configured {tokenizer.checksum[:12]}); delete it or use another data.cache_dir")
-        meta_file.unlink()  # the corpus changed: rebuild, and never leave the old meta beside new files
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    rng = np.random.default_rng(seed)
+    meta = reusable(out_dir, fingerprint, tokenizer.checksum, replace_other_tokenizer)
+    if meta is not None:
+        return meta
     stats = SourceStats()
-    splits = {s: {"file": open(out / f"{s}.bin.tmp", "wb"), "starts": [], "n": 0} for s in ("train", "val")}
     total_bytes = sum(f.stat().st_size for f in files)
-    n_docs = 0
-    done_ok = False
-    try:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-            docs = iter_documents(files, text_field, separator, utf8_errors, stats)
-            for done in _chunks(docs, chunk_bytes):
-                texts = [t for _, t in done]
-                ids = tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=num_threads)
-                for toks in ids:
-                    # A per-document draw keeps the split a pure function of (seed, document order).
-                    split = splits["val" if rng.random() < val_fraction else "train"]
-                    split["starts"].append(split["n"])
-                    split["file"].write(np.asarray(toks, dtype).tobytes())
-                    split["n"] += len(toks)
-                n_docs += len(done)
-                bar.update(sum(len(t.encode("utf-8", errors="replace")) for t in texts))
-        for s in splits.values():
-            s["file"].close()
-        if n_docs == 0 or splits["train"]["n"] + splits["val"]["n"] <= 2 * n_docs:
+    with TokenWriter(out_dir, token_dtype(tokenizer.vocab_size), val_fraction, seed) as writer, \
+            tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+        for done in _chunks(iter_documents(files, text_field, separator, utf8_errors, stats), chunk_bytes):
+            texts = [t for _, t in done]
+            for tokens in tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=num_threads):
+                writer.add(tokens)
+            bar.update(sum(len(t.encode("utf-8", errors="replace")) for t in texts))
+        if writer.documents == 0 or writer.tokens <= 2 * writer.documents:
             raise DataError(f"{', '.join(map(str, paths if isinstance(paths, (list, tuple)) else [paths]))}: "
                             "the corpus is empty (no text in any document)")
-        if val_fraction > 0 and not splits["val"]["starts"]:
-            _hold_out_last_document(out, splits, dtype, val_fraction)
-        done_ok = True
-    finally:
-        for s in splits.values():
-            s["file"].close()
-        if not done_ok:  # an error, Ctrl-C or a kill signal: no temporary files are left behind
-            for s in splits:
-                (out / f"{s}.bin.tmp").unlink(missing_ok=True)
-    counts = {}
-    for name, s in splits.items():
-        np.save(out / f"{name}.docs.npy", np.asarray(s["starts"], np.int64))
-        os.replace(out / f"{name}.bin.tmp", out / f"{name}.bin")
-        counts[name] = {"tokens": s["n"], "documents": len(s["starts"])}
-    meta = {"tokenizer_sha256": tokenizer.checksum, "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-            "counts": counts, "corpus_bytes": total_bytes, "replaced_utf8_bytes": stats.replaced_bytes,
-            "fingerprint": fingerprint}
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_file)
-    return meta
-
-
-def _hold_out_last_document(out: Path, splits: dict, dtype, val_fraction: float) -> None:
-    """A corpus of few documents can draw none for validation: its last training document is held out instead
-    (a smaller split, never a silent 'validation loss nan')."""
-    train, val = splits["train"], splits["val"]
-    if len(train["starts"]) < 2:
-        print(f"warning: the corpus has one document; no validation split (data.val_fraction={val_fraction})",
-              file=sys.stderr)
-        return
-    start = train["starts"].pop()
-    itemsize = np.dtype(dtype).itemsize
-    path = out / "train.bin.tmp"
-    with open(path, "rb+") as f:
-        f.seek(start * itemsize)
-        tokens = f.read()
-        f.truncate(start * itemsize)
-    (out / "val.bin.tmp").write_bytes(tokens)
-    val["starts"], val["n"] = [0], len(tokens) // itemsize
-    train["n"] = start
-    print(f"warning: data.val_fraction={val_fraction} drew no validation document from "
-          f"{len(train['starts']) + 1}; holding out the last one ({val['n']} tokens)", file=sys.stderr)
+        return writer.finish({"tokenizer_sha256": tokenizer.checksum, "vocab_size": tokenizer.vocab_size,
+                              "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "corpus_bytes": total_bytes,
+                              "replaced_utf8_bytes": stats.replaced_bytes, "fingerprint": fingerprint})
 
 
 def _chunks(docs, chunk_bytes: int):
@@ -296,33 +224,6 @@ def _chunks(docs, chunk_bytes: int):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: token file -> batches.
-
-
-@dataclass(frozen=True)
-class TokenFile:
-    tokens: np.ndarray  # memmap [n_tokens]
-    doc_starts: np.ndarray  # [n_docs] offsets into tokens, ascending
-    target_mask: np.ndarray | None = None  # memmap [n_tokens] uint8: 1 where a token counts as a target (chat)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-
-def open_split(out_dir: str | Path, split: str, tokenizer=None) -> TokenFile:
-    out = Path(out_dir)
-    meta_file = out / "meta.json"
-    if not meta_file.is_file():
-        raise DataError(f"{out}: not a prepared dataset (no meta.json; run prepare again)")
-    meta = json.loads(meta_file.read_text())
-    if tokenizer is not None and meta["tokenizer_sha256"] != tokenizer.checksum:
-        raise DataError(f"{meta_file}: tokens were prepared with a different tokenizer (sha256 "
-                        f"{meta['tokenizer_sha256'][:12]}) than the configured one ({tokenizer.checksum[:12]})")
-    n = meta["counts"][split]["tokens"]
-    tokens = np.memmap(out / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,)) if n else np.zeros(0)
-    mask_file = out / f"{split}.mask.bin"
-    mask = np.memmap(mask_file, dtype=np.uint8, mode="r", shape=(n,)) if n and mask_file.is_file() else None
-    return TokenFile(tokens, np.load(out / f"{split}.docs.npy"), mask)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 
+from llama_jax.errors import UserError
+
 # sentencepiece_model.proto: ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-class ConversionError(ValueError):
+class ConversionError(ValueError, UserError):
     """A SentencePiece model this converter cannot express as tokenizer.json (a unigram model)."""
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from llama_jax import cli
-from llama_jax.config import SECTIONS, add_config_flags, overrides_from_args
-from llama_jax.loop import ERRORS, run
-from llama_jax.runtime import Interrupted, Signals, start_distributed
+from llama_jax.cli import common as cli
+from llama_jax.cli.common import add_config_flags, overrides_from_args
+from llama_jax.config import SECTIONS
+from llama_jax.errors import UserError
+from llama_jax.train.loop import run
+from llama_jax.train.runtime import Interrupted, Signals, start_distributed
 
 
 def parse_args(argv=None):
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         run(args.config, overrides, args.run_dir, args.resume, signals)
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
         return e.code if isinstance(e.code, int) else cli.USER_ERROR
-    except ERRORS as e:
+    except UserError as e:
         return cli.fail(str(e))
     except Interrupted as e:
         print(e, file=sys.stderr)

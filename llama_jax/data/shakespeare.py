@@ -9,7 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from llama_jax.data import DataError
+from llama_jax.data.corpus import DataError
 
 
 def default_corpus(cache_dir: str | Path | None = None) -> Path:

@@ -20,16 +20,17 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from llama_jax import train as T
+from llama_jax import optim
 from llama_jax.config import ConfigError, ModelConfig, RunConfig, build, dump_yaml, load_run_config
-from llama_jax.tokenizer import tokenizer_from_files
+from llama_jax.errors import UserError
+from llama_jax.text.tokenizer import tokenizer_from_files
 
 
-class ResumeError(ValueError):
+class ResumeError(ValueError, UserError):
     """A checkpoint that cannot be resumed from; one line naming the directory and the problem."""
 
 
-class SaveError(RuntimeError):
+class SaveError(RuntimeError, UserError):
     """An asynchronous save that failed (disk full, permissions); one line naming the directory and the error."""
 
 
@@ -209,7 +210,7 @@ def load_run_params(run_dir, step: int | None = None):
 
     def abstract(meta):
         config = run_config_of(meta)
-        shapes = jax.eval_shape(lambda: T.init_state(config.model, config.train, jax.random.key(0)))
+        shapes = jax.eval_shape(lambda: optim.init_state(config.model, config.train, jax.random.key(0)))
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
     mgr = manager(ckpt_dir, async_save=False)
@@ -234,40 +235,10 @@ def save_imported(run_dir, model_config: ModelConfig, params, tok, loader_state:
     run_dir.mkdir(parents=True, exist_ok=True)
     tok.save(run_dir)
     dump_yaml(config, run_dir / "config.yaml")
-    state = T.init_state(model_config, config.train, jax.random.key(0), params)
+    state = optim.init_state(model_config, config.train, jax.random.key(0), params)
     mgr = manager(run_dir / "checkpoints", async_save=False)
     meta = {"step": 0, "loader": loader_state, "config": config.to_dict(), **tokenizer_meta(tok)}
     save(mgr, 0, state, meta)
     mgr.wait_until_finished()
     mgr.close()
     return run_dir
-
-
-def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
-    """"run" (a training run directory: config.yaml and checkpoints/), "hf" (a Hugging Face directory:
-    config.json and safetensors weights) or "llama2c" (a llama2.c .bin file); anything else, or a directory that
-    is both a run and a Hugging Face checkpoint, is a one-line error."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{flag} {path}: no such file or directory")
-    if path.is_file() and path.suffix == ".bin":
-        return "llama2c"
-    if not path.is_dir():
-        raise ConfigError(f"{flag} {path}: expected a training run directory, a Hugging Face directory or a "
-                          "llama2.c .bin file")
-    is_run = (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
-    is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
-    if is_run and is_hf:
-        raise ConfigError(f"{flag} {path}: holds both a training run (config.yaml, checkpoints/) and a Hugging Face "
-                          "checkpoint (config.json, *.safetensors); move one of them to its own directory")
-    if is_run:
-        return "run"
-    if is_hf:
-        return "hf"
-    if (path / "checkpoints").is_dir():
-        raise ConfigError(f"{flag} {path}: has checkpoints/ but no config.yaml (not a training run directory)")
-    if (path / "config.json").is_file():
-        raise ConfigError(f"{flag} {path}: has config.json but no *.safetensors weights (not a Hugging Face "
-                          "checkpoint directory with safetensors weights)")
-    raise ConfigError(f"{flag} {path}: neither a training run directory (config.yaml and checkpoints/) nor a "
-                      "Hugging Face Llama directory (config.json and *.safetensors) nor a llama2.c .bin file")

@@ -8,7 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
-from llama_jax.cli import ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli.common import ArgumentParser, fail, quiet_library_noise
+from llama_jax.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -47,15 +48,10 @@ def main(argv=None) -> int:
     import jax
     import uvicorn
 
-    from llama_jax.chat import ChatTemplateError
-    from llama_jax.checkpoint import ResumeError
+    from llama_jax.checkpoints.load import load_checkpoint
     from llama_jax.config import ConfigError
-    from llama_jax.engine import Engine
-    from llama_jax.hf import CheckpointError
-    from llama_jax.llama2c import Llama2cError
-    from llama_jax.load import load_checkpoint
-    from llama_jax.server import Server
-    from llama_jax.tokenizer import TokenizerError
+    from llama_jax.serve.api import Server
+    from llama_jax.serve.engine import Engine
 
     log = lambda line: print(line, file=sys.stderr, flush=True)
     try:
@@ -68,7 +64,7 @@ def main(argv=None) -> int:
         engine = Engine(ckpt.params, ckpt.config.replace(dtype=dtype), ckpt.tokenizer, stop_tokens=ckpt.stop_tokens,
                         max_batch=args.max_batch, max_len=args.max_len, queue_size=args.queue, log=log)
         engine.start()
-    except (ConfigError, CheckpointError, ResumeError, TokenizerError, Llama2cError, ChatTemplateError) as e:
+    except UserError as e:
         return fail(str(e))
     except KeyboardInterrupt:
         log("interrupted while starting")

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ConfigError, ModelConfig
+from llama_jax.errors import UserError
 
 MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
 
 
-class Llama2cError(ValueError):
+class Llama2cError(ValueError, UserError):
     """A file that is not a llama2.c float32 checkpoint; the message is one line naming it."""
 
 

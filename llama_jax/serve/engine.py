@@ -1,4 +1,4 @@
-"""Continuous batching: many generation requests share one compiled decode step. No HTTP here (see server.py).
+"""Continuous batching: many generation requests share one compiled decode step. No HTTP here (see api.py).
 
 A fixed pool of `max_batch` slots, one KV-cache row each; every shape is static, so once `warm_up` has compiled
 the step and one prefill per prompt-length bucket, no request triggers a compilation. One thread owns the model:
@@ -29,11 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import model, sampling, slots
+from llama_jax import model, sampling
 from llama_jax.config import ModelConfig
+from llama_jax.errors import ArgumentError
 from llama_jax.score import token_logprobs
-from llama_jax.slots import TOP_LOGPROBS
-from llama_jax.tokenizer import TextStream
+from llama_jax.serve import slots
+from llama_jax.serve.slots import TOP_LOGPROBS
+from llama_jax.text.tokenizer import TextStream
+
+
+class EngineStopping(RuntimeError):
+    """The engine is stopping and takes no new requests."""
 
 
 class QueueFull(RuntimeError):
@@ -119,7 +125,7 @@ class Engine:
         self._seeds = itertools.count(int(time.time_ns() % (1 << 31)))
         self.ready = False
         self.steps = 0
-        self._state = slots.empty_state(self.config, self.max_batch, self.max_len)
+        self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
         self._inflight = None  # (outputs of the step in flight, the slots' owners when it was launched)
         self._step = jax.jit(functools.partial(slots.decode_step, config=config), donate_argnums=1)
         self._prefill = jax.jit(functools.partial(slots.prefill, config=config), donate_argnums=1)
@@ -136,7 +142,7 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compiles the decode step and every prefill and scoring bucket by running them once on dummy input."""
-        s = self._state
+        s = self._pool
         for P in self.buckets:
             s = self._prefill(self.params, s, np.zeros((1, P), np.int32), 1, 0, self._settings(Request([0], 1)),
                               np.bool_(True))[0]
@@ -144,8 +150,8 @@ class Engine:
                                                  np.ones(1, np.int32), top=TOP_LOGPROBS))
         s = self._step(self.params, s, np.bool_(False))[0]
         s = self._step(self.params, s, np.bool_(True))[0]
-        jax.block_until_ready(slots.deactivate(s, 0)["lengths"])
-        self._state = slots.empty_state(self.config, self.max_batch, self.max_len)
+        jax.block_until_ready(slots.deactivate(s, 0).lengths_B)
+        self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
         # Then requests of each kind through the real path: XLA:CPU prepares some kernels on their first run (a
         # branch first taken by a user's request cost seconds), and every branch of the step runs here once.
         log, self.log = self.log, None
@@ -161,12 +167,12 @@ class Engine:
         self.ready = True
 
     def submit(self, request: Request) -> None:
-        """Queues a request (checked here: ValueError with a one-line message if it cannot run); QueueFull if
-        the queue is full, RuntimeError if the engine is stopping."""
+        """Queues a request (checked here: an ArgumentError naming the request field if it cannot run); QueueFull
+        if the queue is full, EngineStopping if the engine is stopping."""
         self._check(request)
         with self._lock:
             if not self._running or self._draining:
-                raise RuntimeError("the engine is shutting down")
+                raise EngineStopping("the engine is shutting down")
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (the queue holds {self.queue_size})")
             if request.seed is None:
@@ -226,20 +232,21 @@ class Engine:
 
     def _check(self, r: Request) -> None:
         if not r.prompt:
-            raise ValueError("prompt: empty (it needs at least one token)")
+            raise ArgumentError("prompt: empty (it needs at least one token)", "prompt")
         bad = [t for t in r.prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise ArgumentError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})",
+                                "prompt")
         room = self.max_len - len(r.prompt)
         if room < (1 if r.max_tokens > 0 else 0) or len(r.prompt) > self.max_len:
-            raise ValueError(f"prompt: {len(r.prompt)} tokens leave no room for new ones in the context of "
-                             f"{self.max_len} tokens")
+            raise ArgumentError(f"prompt: {len(r.prompt)} tokens leave no room for new ones in the context of "
+                                f"{self.max_len} tokens", "prompt")
         if r.max_tokens < 0:
-            raise ValueError(f"max_tokens={r.max_tokens} must be >= 0")
+            raise ArgumentError(f"max_tokens={r.max_tokens} must be >= 0", "max_tokens")
         if r.max_tokens == 0 and not r.echo:
-            raise ValueError("max_tokens=0 generates nothing; it is only useful with echo")
+            raise ArgumentError("max_tokens=0 generates nothing; it is only useful with echo", "max_tokens")
         if r.logprobs is not None and not 0 <= r.logprobs <= TOP_LOGPROBS:
-            raise ValueError(f"logprobs={r.logprobs} must be in [0, {TOP_LOGPROBS}]")
+            raise ArgumentError(f"logprobs={r.logprobs} must be in [0, {TOP_LOGPROBS}]", "logprobs")
         sampling.check_sampling_args(r.temperature, r.top_k or None, r.top_p, r.min_p, r.repetition_penalty)
 
     # --- the engine's thread ----------------------------------------------------------------------------------
@@ -280,7 +287,7 @@ class Engine:
                 self._inflight = None
                 for a in list(self._active.values()):
                     self._finish(a, "error", error=f"{type(e).__name__}: {e}")
-                self._state = slots.empty_state(self.config, self.max_batch, self.max_len)
+                self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
         if self._inflight is not None:  # stopping: what the last step produced still goes out
             self._process(*self._inflight)
 
@@ -296,8 +303,8 @@ class Engine:
         tokens[0, :len(r.prompt)] = r.prompt
         a = _Active(r, slot, TextStream(self.tokenizer, context=r.prompt[-8:]), started=time.monotonic())
         self._active[slot] = a
-        self._state, token, lp, top_ids, top_lp = self._prefill(
-            self.params, self._state, tokens, len(r.prompt), slot, self._settings(r), np.bool_(r.logprobs is not None))
+        self._pool, token, lp, top_ids, top_lp = self._prefill(
+            self.params, self._pool, tokens, len(r.prompt), slot, self._settings(r), np.bool_(r.logprobs is not None))
         if prompt_lp is not None:
             r.emit(Event(prompt_logprobs=prompt_lp))
         self._take(a, int(token), float(lp), top_ids, top_lp)
@@ -310,7 +317,7 @@ class Engine:
         previous, self._inflight = self._inflight, None
         if self._active:
             want = any(a.request.logprobs is not None for a in self._active.values())
-            self._state, out = self._step(self.params, self._state, np.bool_(want))
+            self._pool, out = self._step(self.params, self._pool, np.bool_(want))
             self.steps += 1
             self._inflight = (out, dict(self._active))
         if previous is not None:
@@ -354,7 +361,7 @@ class Engine:
 
     def _finish(self, a: _Active, reason: str | None, event: Event | None = None, error: str | None = None):
         self._active.pop(a.slot, None)
-        self._state = slots.deactivate(self._state, a.slot)
+        self._pool = slots.deactivate(self._pool, a.slot)
         a.request.emit(event or Event(finish_reason=reason, error=error))
         self._log(a.request, a.generated, a.started)
 
@@ -374,10 +381,11 @@ class Engine:
                  [] if i == 0 else [(int(a), float(b)) for a, b in zip(ids[i][:top], tlps[i][:top])])
                 for i, t in enumerate(prompt)]
 
-    def _settings(self, r: Request) -> dict:
-        return {"temperature": np.float32(r.temperature), "top_k": np.int32(r.top_k or 0),
-                "top_p": np.float32(1.0 if r.top_p is None else r.top_p), "min_p": np.float32(r.min_p or 0.0),
-                "penalty": np.float32(r.repetition_penalty or 1.0), "seed": np.uint32(r.seed or 0)}
+    def _settings(self, r: Request) -> slots.SlotSampling:
+        return slots.SlotSampling(temperature=np.float32(r.temperature), top_k=np.int32(r.top_k or 0),
+                                  top_p=np.float32(1.0 if r.top_p is None else r.top_p),
+                                  min_p=np.float32(r.min_p or 0.0), penalty=np.float32(r.repetition_penalty or 1.0),
+                                  seed=np.uint32(r.seed or 0))
 
 
 def _compile_count() -> int:
