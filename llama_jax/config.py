@@ -307,7 +307,7 @@ class TrainConfig:
     seed: int = 0  # parameter init and data order
     mesh: str = ""  # device mesh, e.g. "data=2,fsdp=4,tensor=1"; empty means one device
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 measures a large matmul at start-up
-    init_from: str | None = None  # start from these weights (a run directory, a HF Llama directory or a llama2.c .bin)
+    init_from: str | None = None  # start from these weights (a run or HF Llama directory, a GGUF or llama2.c file)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints",

@@ -214,6 +214,7 @@ TOOLS = {"train.py": _check_train, "llama-jax-train": _check_train,
          "-m llama_jax.tokenizer": _module_main("llama_jax.cli.tokenizer"),
          "llama-jax-tokenizer": _module_main("llama_jax.cli.tokenizer"),
          "-m llama_jax.examples.dialogues": _module_main("llama_jax.cli.dialogues"),
+         "-m llama_jax.examples.smollm2": _module_main("llama_jax.cli.smollm2"),
          "docs/build_api.py": _build_api}
 ELSEWHERE = {"pip", "venv", "pytest", "build"}  # python -m X of other tools
 

@@ -3,6 +3,7 @@
     ckpt = lj.load_checkpoint("runs/tiny")                  # a training run directory (newest usable step)
     ckpt = lj.load_checkpoint("hf/SmolLM2-135M")            # a Hugging Face directory
     ckpt = lj.load_checkpoint("stories15M.bin", tokenizer="tokenizer.model")   # a llama2.c file
+    ckpt = lj.load_checkpoint("SmolLM2-135M-Instruct.Q4_1.gguf")   # a GGUF file (llama.cpp, Ollama)
 
 gives the config, the parameter pytree, the tokenizer (SentencePiece or Hugging Face `tokenizers`), the chat
 template (the checkpoint's own Jinja template, or the project's for runs trained here), the stop tokens (every
@@ -16,12 +17,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from llama_jax.checkpoints.gguf import is_gguf, load_gguf
+from llama_jax.checkpoints.gguf import tokenizer_files as gguf_tokenizer_files
 from llama_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint
 from llama_jax.checkpoints.llama2c import load_llama2c
 from llama_jax.checkpoints.run_dir import load_run_params, tokenizer_of
 from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.text import chat_template
-from llama_jax.text.tokenizer import TokenizerError, load_tokenizer
+from llama_jax.text.tokenizer import HFTokenizer, TokenizerError, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -37,9 +40,9 @@ class Checkpoint:
 def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None,
                     flags: tuple[str, str] = ("--checkpoint", "--tokenizer")) -> Checkpoint:
     """Reads a training run directory (step: which checkpoint; default the newest usable one), a Hugging Face
-    directory or a llama2.c `.bin` file. `tokenizer` (a tokenizer.model, a tokenizer.json or a directory) replaces
-    the checkpoint's own; a llama2.c file, which has none, finds tokenizer.model beside it. One-line errors, which
-    name the path and the tokenizer by `flags` (the caller's names for them)."""
+    directory, a GGUF file or a llama2.c `.bin` file. `tokenizer` (a tokenizer.model, a tokenizer.json or a
+    directory) replaces the checkpoint's own; a llama2.c file, which has none, finds tokenizer.model beside it.
+    One-line errors, which name the path and the tokenizer by `flags` (the caller's names for them)."""
     path = Path(path)
     kind = checkpoint_kind(path, flags[0])
     if step is not None and kind != "run":
@@ -52,6 +55,10 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
         tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_of(meta, path)
         template = tok.chat_template or chat_template.PROJECT_TEMPLATE
         source = f"run directory {path}, step {meta['step']}"
+    elif kind == "gguf":
+        config, params = load_gguf(path)
+        tok = load_tokenizer(tokenizer) if tokenizer else HFTokenizer(path, files=gguf_tokenizer_files(path))
+        template, source = tok.chat_template, f"GGUF file {path}"
     elif kind == "llama2c":
         config, params = load_llama2c(path)
         tok = load_tokenizer(tokenizer or _beside(path.parent, path, flags[1]))
@@ -94,16 +101,21 @@ def _generation_config(path: Path) -> dict:
 
 def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
     """"run" (a training run directory: config.yaml and checkpoints/), "hf" (a Hugging Face directory:
-    config.json and safetensors weights) or "llama2c" (a llama2.c .bin file); anything else, or a directory that
-    is both a run and a Hugging Face checkpoint, is a one-line error."""
+    config.json and safetensors weights), "gguf" (a file starting with GGUF's magic bytes) or "llama2c" (a llama2.c
+    .bin file); anything else, or a directory that is both a run and a Hugging Face checkpoint, is a one-line
+    error."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{flag} {path}: no such file or directory")
+    if is_gguf(path):
+        return "gguf"
+    if path.is_file() and path.suffix == ".gguf":
+        raise ConfigError(f"{flag} {path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     if path.is_file() and path.suffix == ".bin":
         return "llama2c"
     if not path.is_dir():
-        raise ConfigError(f"{flag} {path}: expected a training run directory, a Hugging Face directory or a "
-                          "llama2.c .bin file")
+        raise ConfigError(f"{flag} {path}: expected a training run directory, a Hugging Face directory, a GGUF "
+                          "file or a llama2.c .bin file")
     is_run = (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
     is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
     if is_run and is_hf:
@@ -119,4 +131,4 @@ def checkpoint_kind(path: str | Path, flag: str = "--checkpoint") -> str:
         raise ConfigError(f"{flag} {path}: has config.json but no *.safetensors weights (not a Hugging Face "
                           "checkpoint directory with safetensors weights)")
     raise ConfigError(f"{flag} {path}: neither a training run directory (config.yaml and checkpoints/) nor a "
-                      "Hugging Face Llama directory (config.json and *.safetensors) nor a llama2.c .bin file")
+                      "Hugging Face Llama directory (config.json and *.safetensors) nor a GGUF or llama2.c file")

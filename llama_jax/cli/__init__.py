@@ -8,13 +8,49 @@ arguments; the library raises `UserError` and each command here turns it into "e
     python -m llama_jax.hf              cli/hf.py          (the converter: checkpoints/hf.py)
     python -m llama_jax.tokenizer       cli/tokenizer.py   (the trainer: text/tokenizer.py)
 
+Every command keeps JAX's compiled programs in a persistent cache, so that the second start of a tool on the same
+model skips compiling: `~/.cache/llama_jax/jax` (under $XDG_CACHE_HOME when set). LLAMA_JAX_COMPILATION_CACHE names
+another directory, or `off` disables it; JAX's own JAX_COMPILATION_CACHE_DIR, when set, is left as it is.
+
 The console scripts a `pip install` puts on PATH are the functions at the bottom of this file.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
+
+CACHE_VARIABLE = "LLAMA_JAX_COMPILATION_CACHE"
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where the commands keep compiled programs (None: disabled, or JAX_COMPILATION_CACHE_DIR decides)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    chosen = os.environ.get(CACHE_VARIABLE, "")
+    if chosen.lower() in ("off", "0", "false", "no", "none"):
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(chosen) if chosen else base / "llama_jax" / "jax"
+
+
+def use_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache in compilation_cache_dir() (before anything is compiled). A
+    directory that cannot be created leaves the cache off: it only saves time."""
+    where = compilation_cache_dir()
+    if where is None:
+        return
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(where))
+    # Cache the small programs too (a prefill bucket compiles in well under JAX's default 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def main(command: str, argv=None) -> int:
@@ -22,6 +58,7 @@ def main(command: str, argv=None) -> int:
     from llama_jax.host_memory import keep_freed_memory
 
     keep_freed_memory()  # before any JAX work: CPU steps stop page-faulting their buffers in (host_memory.py)
+    use_compilation_cache()
     return importlib.import_module(f"llama_jax.cli.{command}").main(argv)
 
 

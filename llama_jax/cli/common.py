@@ -14,6 +14,7 @@ import sys
 from llama_jax.config import SECTIONS, field_comments
 
 USER_ERROR = 2
+CHECKPOINT_HELP = "a training run directory, a Hugging Face Llama directory, a GGUF file or a llama2.c .bin file"
 
 
 class ArgumentParser(argparse.ArgumentParser):

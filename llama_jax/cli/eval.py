@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from llama_jax.cli.common import ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli.common import CHECKPOINT_HELP, ArgumentParser, fail, quiet_library_noise
 from llama_jax.errors import UserError
 
 
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     common = ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True,
-                        help="a training run directory, a Hugging Face Llama directory or a llama2.c .bin file")
+                        help=CHECKPOINT_HELP)
     common.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
     common.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
     common.add_argument("--batch-tokens", type=int, default=8192, help="tokens scored per batch")

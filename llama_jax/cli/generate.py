@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 
 from llama_jax.checkpoints.load import load_checkpoint
-from llama_jax.cli.common import USER_ERROR, ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli.common import CHECKPOINT_HELP, USER_ERROR, ArgumentParser, fail, quiet_library_noise
 from llama_jax.decode import generate, stream
 from llama_jax.errors import ArgumentError, UserError
 from llama_jax.sampling import check_sampling_args
@@ -26,7 +26,7 @@ class UsageError(ValueError, UserError):
 def parse_args(argv=None):
     p = ArgumentParser(prog="generate.py", description="Sample text from a checkpoint.")
     p.add_argument("--checkpoint", required=True,
-                   help="a training run directory, a Hugging Face Llama directory or a llama2.c .bin file")
+                   help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="the SentencePiece tokenizer.model to use (default: the checkpoint's own, or "
                                        "tokenizer.model beside it)")
     p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")

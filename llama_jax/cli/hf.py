@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llama_jax.checkpoints import run_dir
 from llama_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
-from llama_jax.checkpoints.load import checkpoint_kind
+from llama_jax.checkpoints.load import checkpoint_kind, load_checkpoint
 from llama_jax.cli.common import ArgumentParser, fail, quiet_library_noise
 from llama_jax.errors import UserError
 
@@ -19,14 +19,15 @@ def main(argv=None) -> int:
     quiet_library_noise()
     p = ArgumentParser(prog="python -m llama_jax.hf", description="Convert to and from Hugging Face Llama.")
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="a training run's checkpoint -> a Hugging Face Llama directory")
-    e.add_argument("--checkpoint", required=True, help="training run directory")
+    e = sub.add_parser("export", help="a training run's checkpoint or a GGUF file -> a Hugging Face Llama directory")
+    e.add_argument("--checkpoint", required=True, help="a training run directory or a GGUF file")
     e.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     e.add_argument("--out", required=True, help="directory to write (new or empty, unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     e.add_argument("--max-shard-gb", type=float, default=2.0)
     i = sub.add_parser("import", help="a Hugging Face Llama directory -> a run directory (Orbax checkpoint)")
-    i.add_argument("--checkpoint", required=True, help="a Hugging Face Llama directory or a llama2.c .bin file")
+    i.add_argument("--checkpoint", required=True,
+                   help="a Hugging Face Llama directory, a GGUF file or a llama2.c .bin file")
     i.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the one beside the checkpoint)")
     i.add_argument("--out", required=True, help="run directory to create")
     try:
@@ -34,8 +35,8 @@ def main(argv=None) -> int:
     except SystemExit as err:
         return err.code if isinstance(err.code, int) else 2
 
+    from llama_jax.checkpoints.llama2c import load_llama2c
     from llama_jax.data.corpus import LoaderState
-    from llama_jax.text import chat_template
     from llama_jax.text.tokenizer import load_tokenizer
 
     try:
@@ -44,37 +45,36 @@ def main(argv=None) -> int:
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
             raise CheckpointError(f"--out {out}: inside the --checkpoint directory {src}; choose a directory outside")
         if args.command == "export":
-            if kind != "run":
-                raise CheckpointError(f"--checkpoint {src}: export reads a training run directory (config.yaml, "
-                                      "checkpoints/); this one is a Hugging Face directory already")
+            if kind == "hf":
+                raise CheckpointError(f"--checkpoint {src}: export reads a training run directory or a GGUF file; "
+                                      "this one is a Hugging Face directory already")
             if not args.max_shard_gb > 0:
                 raise CheckpointError(f"--max-shard-gb={args.max_shard_gb} must be > 0")
             _check_export_target(out, args.overwrite)
-            config, params, meta = run_dir.load_run_params(src, args.step)
-            tok = run_dir.tokenizer_of(meta, src)
+            ckpt = load_checkpoint(src, args.step)
             if args.overwrite:
                 _remove_export(out)
-            template = tok.chat_template or chat_template.PROJECT_TEMPLATE
-            out = save_hf_checkpoint(out, config, params, tok, int(args.max_shard_gb * (1 << 30)),
-                                     chat_template=template, stop_tokens=chat_template.stop_tokens(tok, template))
+            out = save_hf_checkpoint(out, ckpt.config, ckpt.params, ckpt.tokenizer,
+                                     int(args.max_shard_gb * (1 << 30)), chat_template=ckpt.chat_template,
+                                     stop_tokens=ckpt.stop_tokens)
         else:
             if kind == "run":
                 raise CheckpointError(f"--checkpoint {src}: import reads a Hugging Face directory (config.json, "
-                                      "*.safetensors) or a llama2.c .bin file; this one is a training run directory "
-                                      "already")
-            tok_path = Path(args.tokenizer) if args.tokenizer else src.parent if kind == "llama2c" else src
-            if not (tok_path.is_file() or (tok_path / "tokenizer.json").is_file()
-                    or (tok_path / "tokenizer.model").is_file()):
-                raise CheckpointError(f"{tok_path}: no tokenizer.json or tokenizer.model (name one with --tokenizer)")
-            tok = load_tokenizer(tok_path)
+                                      "*.safetensors), a GGUF file or a llama2.c .bin file; this one is a training "
+                                      "run directory already")
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
                 raise CheckpointError(f"--out {out}: exists and is not an empty directory; choose a new one")
-            if kind == "llama2c":
-                from llama_jax.checkpoints.llama2c import load_llama2c
-
-                config, params = load_llama2c(src)
+            if kind == "gguf":  # the file carries its tokenizer
+                ckpt = load_checkpoint(src, tokenizer=args.tokenizer)
+                config, params, tok = ckpt.config, ckpt.params, ckpt.tokenizer
             else:
-                config, params = load_hf_checkpoint(src)
+                tok_path = Path(args.tokenizer) if args.tokenizer else src.parent if kind == "llama2c" else src
+                if not (tok_path.is_file() or (tok_path / "tokenizer.json").is_file()
+                        or (tok_path / "tokenizer.model").is_file()):
+                    raise CheckpointError(f"{tok_path}: no tokenizer.json or tokenizer.model (name one with "
+                                          "--tokenizer)")
+                tok = load_tokenizer(tok_path)
+                config, params = load_llama2c(src) if kind == "llama2c" else load_hf_checkpoint(src)
             if tok.vocab_size > config.vocab_size:
                 raise CheckpointError(f"{tok.model_file}: {tok.vocab_size} tokens, more than the model's vocabulary "
                                       f"{config.vocab_size}")

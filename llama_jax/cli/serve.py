@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from llama_jax.cli.common import ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli.common import CHECKPOINT_HELP, ArgumentParser, fail, quiet_library_noise
 from llama_jax.errors import UserError
 
 
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="serve.py", description="An OpenAI-compatible server (completions, chat) over a "
                                                     "checkpoint, batching concurrent requests.")
     p.add_argument("--checkpoint", required=True,
-                   help="a training run directory, a Hugging Face Llama directory or a llama2.c .bin file")
+                   help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
     p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")

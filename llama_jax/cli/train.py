@@ -23,8 +23,8 @@ def parse_args(argv=None):
                                     "(tiny, stories15M, stories110M, llama3.2-1b, llama2-7b, llama3-8b: configs/)")
     p.add_argument("--run-dir", help="directory for checkpoints, metrics and the tokenizer (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
-    p.add_argument("--init-from", help="start from these weights: a run directory, a Hugging Face Llama directory "
-                                       "or a llama2.c .bin file (same as --train.init_from)")
+    p.add_argument("--init-from", help="start from these weights: a run directory, a Hugging Face Llama directory, "
+                                       "a GGUF file or a llama2.c .bin file (same as --train.init_from)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4,tensor=1 (same as --train.mesh)")
     p.add_argument("--coordinator", help="multi-host: address:port of process 0 (calls jax.distributed.initialize)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")

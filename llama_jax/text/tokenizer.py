@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -31,13 +32,20 @@ class TokenizerError(ValueError, UserError):
 class Tokenizer:
     """A loaded SentencePiece model. Stateless apart from the model itself; safe to share across threads."""
 
-    def __init__(self, model_file: str | Path, model_bytes: bytes | None = None):
+    CONFIG_FILES = ("tokenizer_config.json", "chat_template.jinja")  # read beside a Hugging Face tokenizer.model
+
+    def __init__(self, model_file: str | Path, model_bytes: bytes | None = None, config_files: dict | None = None):
+        """From a tokenizer.model file (with the tokenizer_config.json and chat_template.jinja beside it, as a
+        Llama-2-era Hugging Face directory has them), or from `model_bytes` and `config_files` (name -> bytes, as a
+        checkpoint stores them)."""
         self.model_file = Path(model_file)
         if model_bytes is None:
             if not self.model_file.is_file():
                 raise TokenizerError(f"{self.model_file}: tokenizer model not found")
             model_bytes = self.model_file.read_bytes()
-        self.model_bytes = model_bytes
+            beside = self.model_file.parent
+            config_files = {n: (beside / n).read_bytes() for n in self.CONFIG_FILES if (beside / n).is_file()}
+        self.model_bytes, self.config_files = model_bytes, dict(config_files or {})
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(self.model_bytes)
@@ -46,16 +54,21 @@ class Tokenizer:
         self.vocab_size = self.sp.GetPieceSize()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
-        self.checksum = hashlib.sha256(self.model_bytes).hexdigest()
-
-    chat_template = None  # a SentencePiece model carries no chat template
+        self.checksum = hashlib.sha256(self.model_bytes).hexdigest()  # what the ids depend on
+        config = _read_config(self.config_files, self.model_file.parent)
+        self.chat_template = _template(config, self.config_files)  # None: the model file carries none
+        self.add_bos = config.get("add_bos_token", True) is not False
+        piece = lambda i: self.sp.IdToPiece(i) if i >= 0 else None
+        self.special_tokens = {"bos_token": _token_content(config.get("bos_token")) or piece(self.bos_id),
+                               "eos_token": _token_content(config.get("eos_token")) or piece(self.eos_id)}
 
     @property
     def files(self) -> dict[str, bytes]:
-        return {"tokenizer.model": self.model_bytes}
+        return {"tokenizer.model": self.model_bytes, **self.config_files}
 
     def save(self, directory: str | Path) -> None:
-        (Path(directory) / "tokenizer.model").write_bytes(self.model_bytes)
+        for name, content in self.files.items():
+            (Path(directory) / name).write_bytes(content)
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes, name: str | Path = "tokenizer.model") -> Tokenizer:
@@ -63,12 +76,15 @@ class Tokenizer:
         return cls(name, model_bytes)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.sp.Encode(text, add_bos=bos, add_eos=eos)
+        """Token ids; with bos, BOS first unless the tokenizer_config.json beside the model says add_bos_token false
+        (as transformers does)."""
+        return self.sp.Encode(text, add_bos=bos and self.add_bos, add_eos=eos)
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False,
                      num_threads: int | None = None) -> list[list[int]]:
         """Encodes a list of texts on `num_threads` threads (default: all CPU cores)."""
-        return self.sp.Encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads or os.cpu_count() or 1)
+        return self.sp.Encode(texts, add_bos=bos and self.add_bos, add_eos=eos,
+                              num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; ids past the tokenizer's pieces (a model's padded vocabulary rows) decode to nothing."""
@@ -125,7 +141,6 @@ class HFTokenizer:
         """From a directory holding tokenizer.json (and tokenizer_config.json, chat_template.jinja if present), a
         tokenizer.json file beside them, or `files` (name -> bytes, as a checkpoint stores them; `path` then only
         names them in messages)."""
-        import json
 
         import tokenizers
 
@@ -143,12 +158,7 @@ class HFTokenizer:
             self.tk = tokenizers.Tokenizer.from_str(self.model_bytes.decode("utf-8"))
         except Exception as e:  # the Rust library's own exception for a file it cannot parse
             raise TokenizerError(f"{self.model_file}: not a tokenizers JSON file ({str(e)[:120]})") from None
-        self.config = {}
-        if "tokenizer_config.json" in files:
-            try:
-                self.config = json.loads(files["tokenizer_config.json"].decode("utf-8"))
-            except ValueError as e:
-                raise TokenizerError(f"{directory / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+        self.config = _read_config(files, directory)
         self.special_tokens = {name: _token_content(self.config.get(name))
                                for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         ids = {name: self.tk.token_to_id(t) if t else None for name, t in self.special_tokens.items()}
@@ -156,12 +166,7 @@ class HFTokenizer:
         self.pad_id, self.unk_id = _or_minus_one(ids["pad_token"]), _or_minus_one(ids["unk_token"])
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.checksum = hashlib.sha256(b"".join(files[n] for n in sorted(files))).hexdigest()
-        template = self.config.get("chat_template")
-        if isinstance(template, list):  # several named templates: the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if "chat_template.jinja" in files:
-            template = files["chat_template.jinja"].decode("utf-8")
-        self.chat_template = template
+        self.chat_template = _template(self.config, files)
 
     def save(self, directory: str | Path) -> None:
         """Writes its files (tokenizer.json, tokenizer_config.json, chat_template.jinja) into `directory`."""
@@ -206,6 +211,28 @@ class HFTokenizer:
         return bool(added is not None and added.special)
 
 
+def _read_config(files: dict[str, bytes], directory: Path) -> dict:
+    """tokenizer_config.json's settings (special tokens, add_bos_token, chat_template), or {} without one."""
+    if "tokenizer_config.json" not in files:
+        return {}
+    try:
+        config = json.loads(files["tokenizer_config.json"].decode("utf-8"))
+    except ValueError as e:
+        raise TokenizerError(f"{directory / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _template(config: dict, files: dict[str, bytes]) -> str | None:
+    """The chat template as transformers picks it: chat_template.jinja, else tokenizer_config.json's (the default
+    one of several named templates)."""
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode("utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
 def _token_content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
@@ -247,21 +274,30 @@ def tokenizer_from_files(files: dict[str, bytes], where: str | Path):
     """The tokenizer a checkpoint stored as its files (see `files` of either backend)."""
     if "tokenizer.json" in files:
         return HFTokenizer(Path(where) / "tokenizer.json", files)
-    return Tokenizer.from_bytes(files["tokenizer.model"], Path(where) / "tokenizer.model")
+    return Tokenizer(Path(where) / "tokenizer.model", files["tokenizer.model"],
+                     {n: files[n] for n in Tokenizer.CONFIG_FILES if n in files})
 
 
 def load_tokenizer(path: str | Path):
-    """A tokenizer from a SentencePiece `tokenizer.model`, a `tokenizer.json`, or a directory holding either
-    (tokenizer.json preferred, as transformers' AutoTokenizer prefers its fast tokenizer)."""
+    """A tokenizer from a `tokenizer.model` (SentencePiece, or Meta's Llama 3 tiktoken file: told apart by their
+    content), a `tokenizer.json`, or a directory holding either (tokenizer.json preferred, as transformers'
+    AutoTokenizer prefers its fast tokenizer)."""
     path = Path(path)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return HFTokenizer(path)
-        if (path / "tokenizer.model").is_file():
-            return Tokenizer(path / "tokenizer.model")
-        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+        if not (path / "tokenizer.model").is_file():
+            raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+        path = path / "tokenizer.model"
     if path.suffix == ".json":
         return HFTokenizer(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(256)
+        from llama_jax.text.tokenizer_build import from_tiktoken, is_tiktoken
+
+        if is_tiktoken(head):
+            return HFTokenizer(path.with_name("tokenizer.json"), from_tiktoken(path.read_bytes(), str(path)))
     return Tokenizer(path)
 
 

@@ -158,8 +158,8 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start
 
 
 def _init_weights(config: RunConfig):
-    """(tokenizer, model config, params) of train.init_from: a run directory, a Hugging Face directory or a
-    llama2.c file (its tokenizer: data.tokenizer, or the one beside it)."""
+    """(tokenizer, model config, params) of train.init_from: a run directory, a Hugging Face directory, a GGUF file
+    or a llama2.c file (its tokenizer: data.tokenizer, or its own)."""
     from llama_jax.checkpoints.load import load_checkpoint
 
     ckpt = load_checkpoint(config.train.init_from, tokenizer=config.data.tokenizer or None,
