@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import numpy as np
+
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -41,3 +43,14 @@ def keep_freed_memory() -> bool:
     # a trim threshold of -1 (read as SIZE_MAX): freed memory is never handed back, so it stays mapped for reuse.
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised host array whose data starts on a 64-byte boundary. `jax.device_put` of such an array on
+    the CPU aliases it instead of copying (XLA:CPU's alignment for host buffers; numpy's own allocations are
+    16-byte aligned), so a checkpoint loader can fill a parameter in place and hand it to JAX without holding it
+    twice."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)

@@ -2,8 +2,10 @@
 template and special tokens in its metadata) -> config, parameter pytree, tokenizer files.
 
 Reading and dequantizing are the `gguf` package's (llama.cpp's own Python reader): F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1 and the K-quants. The file is memory-mapped; each tensor is dequantized to float32 and written
-into its layer's slot of the stacked array in the requested dtype, so loading holds the pytree plus one tensor.
+Q4_1, Q5_0, Q5_1 and the K-quants. The file is memory-mapped and read once: the metadata first (the reader's copy
+of it, a vocabulary as ~100,000 small arrays, is dropped before any weight is read), then each tensor, dequantized
+a few thousand rows at a time straight into its slot of the stacked arrays (the package's dequantization makes
+several temporaries of its input's size), which JAX then takes without a copy (host_memory.aligned_empty).
 
 llama.cpp stores q and k rows permuted for its interleaved RoPE; they are permuted back exactly as transformers'
 GGUF reader does, into the split-halves layout model.py uses.
@@ -17,6 +19,7 @@ import numpy as np
 
 from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.errors import UserError
+from llama_jax.host_memory import aligned_empty
 
 ARCHITECTURES = ("llama", "mistral")  # the same tensors; mistral without a short sliding window
 # ours -> (GGUF name, per layer), all [out, in] in the file except the norms
@@ -25,6 +28,7 @@ _LAYER_NAMES = {"attn_norm": "blk.{}.attn_norm.weight", "wq": "blk.{}.attn_q.wei
                 "w_gate": "blk.{}.ffn_gate.weight", "w_up": "blk.{}.ffn_up.weight", "w_down": "blk.{}.ffn_down.weight"}
 _TOP_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 _MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
+_DEQUANTIZABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 class GGUFError(ValueError, UserError):
@@ -101,54 +105,79 @@ def _unpermute(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
     return w_OI.reshape(n_heads, half, 2, *w_OI.shape[1:]).swapaxes(1, 2).reshape(w_OI.shape)
 
 
-def load_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) from a GGUF file, the tensors dequantized and cast to `dtype`."""
-    import gguf
-    import jax.numpy as jnp
-
-    from llama_jax.model import param_shapes
+def read_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict, dict[str, bytes]]:
+    """(ModelConfig, params, tokenizer files) from a GGUF file: the tensors dequantized and cast to `dtype`, and
+    tokenizer.json / tokenizer_config.json (special tokens, add_bos_token, the chat template) built from its
+    `tokenizer.*` metadata."""
+    from llama_jax.text.tokenizer_build import from_gguf_vocabulary
 
     path = Path(path)
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    tensors = {t.name: t for t in reader.tensors}
+    tokenizer = from_gguf_vocabulary(metadata(reader, "tokenizer."), str(path))
+    # where each tensor's bytes are, its type, and its shape in numpy order (GGUF lists the fastest dimension first)
+    tensors = {t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type, tuple(int(n) for n in t.shape[::-1]))
+               for t in reader.tensors}
+    del reader  # and its memory map: each tensor is read from the file when its turn comes
+    return config, _params(config, tensors, path, dtype), tokenizer
 
-    def read(name: str, ours: str, shape: tuple) -> np.ndarray:
-        t = tensors.get(name)
-        if t is None:
+
+def load_gguf(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) from a GGUF file (see read_gguf)."""
+    config, params, _ = read_gguf(path, dtype)
+    return config, params
+
+
+def _dequantize_into(out_RC: np.ndarray, data, qtype, rows_per_chunk: int = 2048) -> None:
+    """The tensor's [rows, columns] float values into `out_RC` (any dtype, a view may be transposed)."""
+    import gguf
+
+    for i in range(0, out_RC.shape[0], rows_per_chunk):
+        out_RC[i:i + rows_per_chunk] = gguf.quants.dequantize(data[i:i + rows_per_chunk], qtype)
+
+
+def _params(config: ModelConfig, tensors: dict, path: Path, dtype) -> dict:
+    import gguf
+    import jax
+
+    from llama_jax.model import param_shapes
+
+    def read_into(name: str, ours: str, out: np.ndarray) -> None:
+        """Tensor `name` in our layout into `out` ([in, out] for matrices: the file's [out, in] transposed)."""
+        if name not in tensors:
             raise GGUFError(f"{path}: tensor {name} is missing")
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise GGUFError(f"{path}: tensor {name} has type {t.tensor_type.name}, which cannot be dequantized "
-                            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K)") from None
-        if ours in ("wq", "wk"):
-            w = _unpermute(w.reshape(-1, w.shape[-1]), config.n_heads if ours == "wq" else config.n_kv_heads)
-        w = w.T if ours in _MATRICES else w
-        if w.shape != shape:
-            raise GGUFError(f"{path}: tensor {name} has shape {w.shape[::-1] if ours in _MATRICES else w.shape}, "
-                            f"expected {shape[::-1] if ours in _MATRICES else shape}")
-        return w
+        offset, size, qtype, shape = tensors[name]
+        if qtype.name not in _DEQUANTIZABLE:
+            raise GGUFError(f"{path}: tensor {name} has type {qtype.name}, which cannot be dequantized "
+                            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K)")
+        expected = out.shape[::-1] if ours in _MATRICES else out.shape
+        if shape != expected:
+            raise GGUFError(f"{path}: tensor {name} has shape {shape}, expected {expected}")
+        raw = np.fromfile(path, np.uint8, count=size, offset=offset)
+        if raw.size != size:
+            raise GGUFError(f"{path}: tensor {name} is cut short (the file is truncated)")
+        element = {"F32": np.float32, "F16": np.float16}.get(qtype.name)
+        # the gguf package's layout: float arrays in the tensor's shape, else rows of bytes
+        data = raw.view(element).reshape(shape) if element else raw.reshape(int(np.prod(shape[:-1])), -1)
+        if ours in ("wq", "wk"):  # small: whole, so that the row permutation can be undone
+            w = gguf.quants.dequantize(data, qtype)
+            out[...] = _unpermute(w, config.n_heads if ours == "wq" else config.n_kv_heads).T
+        elif ours in _MATRICES:
+            _dequantize_into(out.T, data, qtype)
+        else:  # a norm's weights
+            out[...] = gguf.quants.dequantize(data, qtype)
 
     expected = param_shapes(config)
     params = {"layers": {}}
     for ours, name in _TOP_NAMES.items():
         if ours == "lm_head" and config.tie_embeddings:
             continue
-        params[ours] = jnp.asarray(read(name, ours, expected[ours].shape), dtype)
+        host = aligned_empty(expected[ours].shape, dtype)
+        read_into(name, ours, host)
+        params[ours] = jax.device_put(host)  # on a CPU: the same memory, not a copy
     for ours, pattern in _LAYER_NAMES.items():
-        shape = expected["layers"][ours].shape
-        stacked = np.empty(shape, dtype)
+        stacked = aligned_empty(expected["layers"][ours].shape, dtype)
         for i in range(config.n_layers):
-            stacked[i] = read(pattern.format(i), ours, shape[1:])
-        params["layers"][ours] = jnp.asarray(stacked)
-        del stacked
-    return config, params
-
-
-def tokenizer_files(path: str | Path) -> dict[str, bytes]:
-    """tokenizer.json and tokenizer_config.json (special tokens, add_bos_token, the chat template) built from the
-    file's `tokenizer.*` metadata."""
-    from llama_jax.text.tokenizer_build import from_gguf_vocabulary
-
-    return from_gguf_vocabulary(metadata(open_gguf(path), "tokenizer."), str(path))
+            read_into(pattern.format(i), ours, stacked[i])
+        params["layers"][ours] = jax.device_put(stacked)
+    return params

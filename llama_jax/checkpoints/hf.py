@@ -12,12 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.errors import UserError
 from llama_jax.files import apply_umask
+from llama_jax.host_memory import aligned_empty
 
 # ours -> HF name (per layer names take the layer index), and whether the tensor is a transposed matrix.
 _LAYER_NAMES = {
@@ -181,11 +183,10 @@ def load_hf_checkpoint(path, dtype=jnp.float32):
         params[ours] = jnp.asarray(read(name, transpose, expected[ours].shape), dtype)
     for ours, (pattern, transpose) in _LAYER_NAMES.items():
         shape = expected["layers"][ours].shape
-        stacked = np.empty(shape, dtype)
+        stacked = aligned_empty(shape, dtype)
         for i in range(config.n_layers):
             stacked[i] = read(pattern.format(i), transpose, shape[1:])
-        params["layers"][ours] = jnp.asarray(stacked)
-        del stacked
+        params["layers"][ours] = jax.device_put(stacked)  # on a CPU: the same memory, not a copy
     return config, params
 
 

@@ -17,8 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from llama_jax.checkpoints.gguf import is_gguf, load_gguf
-from llama_jax.checkpoints.gguf import tokenizer_files as gguf_tokenizer_files
+from llama_jax.checkpoints.gguf import is_gguf, read_gguf
 from llama_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint
 from llama_jax.checkpoints.llama2c import load_llama2c
 from llama_jax.checkpoints.run_dir import load_run_params, tokenizer_of
@@ -56,8 +55,8 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
         template = tok.chat_template or chat_template.PROJECT_TEMPLATE
         source = f"run directory {path}, step {meta['step']}"
     elif kind == "gguf":
-        config, params = load_gguf(path)
-        tok = load_tokenizer(tokenizer) if tokenizer else HFTokenizer(path, files=gguf_tokenizer_files(path))
+        config, params, tokenizer_files = read_gguf(path)
+        tok = load_tokenizer(tokenizer) if tokenizer else HFTokenizer(path, files=tokenizer_files)
         template, source = tok.chat_template, f"GGUF file {path}"
     elif kind == "llama2c":
         config, params = load_llama2c(path)
