@@ -38,7 +38,8 @@ __version__ = "0.2.0"
 _LAZY = {"load_hf_checkpoint": "checkpoints.hf", "save_hf_checkpoint": "checkpoints.hf",
          "CheckpointError": "checkpoints.hf", "Tokenizer": "text.tokenizer", "HFTokenizer": "text.tokenizer",
          "load_tokenizer": "text.tokenizer", "train_tokenizer": "text.tokenizer", "load_checkpoint": "checkpoints.load",
-         "Checkpoint": "checkpoints.load", "load_llama2c": "checkpoints.llama2c", "token_logprobs": "score",
+         "Checkpoint": "checkpoints.load", "load_llama2c": "checkpoints.llama2c",
+         "load_gguf": "checkpoints.gguf", "token_logprobs": "score",
          "score_continuations": "score", "UserError": "errors"}
 
 

@@ -162,10 +162,10 @@ def _params(config: ModelConfig, tensors: dict, path: Path, dtype) -> dict:
         if ours in ("wq", "wk"):  # small: whole, so that the row permutation can be undone
             w = gguf.quants.dequantize(data, qtype)
             out[...] = _unpermute(w, config.n_heads if ours == "wq" else config.n_kv_heads).T
-        elif ours in _MATRICES:
-            _dequantize_into(out.T, data, qtype)
+        elif out.ndim == 2:  # the file's rows are our columns for [in, out] matrices; the embedding is [V, D] in both
+            _dequantize_into(out.T if ours in _MATRICES else out, data, qtype)
         else:  # a norm's weights
-            out[...] = gguf.quants.dequantize(data, qtype)
+            out[...] = gguf.quants.dequantize(data, qtype).reshape(out.shape)
 
     expected = param_shapes(config)
     params = {"layers": {}}
