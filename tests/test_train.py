@@ -315,6 +315,31 @@ def test_eight_devices_match_one_device(corpus, tmp_path, dtype):
                                rtol=2e-5 if dtype == "float32" else 1e-2)
 
 
+def test_resume_continues_the_run_in_the_directory_whatever_the_preset_says(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    preset = str(ROOT / "configs" / "tiny.yaml")
+    assert train_cli.main(["--config", preset, *train_args(corpus, run, "--train.steps=4", "--train.eval_every=4",
+                                                           "--train.save_every=4")]) == 0
+    saved, tokens = (run / "config.yaml").read_text(), (run / "data" / "meta.json").read_text()
+    # The README's resume command: the preset named again, no --data.path. The preset's own data.path (null: the
+    # default corpus) and model change nothing; the run goes on with its own data, tokenizer and model.
+    assert train_cli.main(["--config", preset, "--run-dir", str(run), "--resume", "--train.steps=6"]) == 0
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+    assert (run / "data" / "meta.json").read_text() == tokens  # nothing tokenized again
+    assert (run / "config.yaml").read_text() == saved.replace("steps: 4", "steps: 6")
+    capsys.readouterr()
+    # A flag that would change the data is refused in one line naming the key and both values; nothing changes.
+    other = tmp_path / "other.txt"
+    other.write_text("another corpus entirely\n" * 50)
+    for flag, key in ((f"--data.path={other}", "data.path"), ("--train.seed=5", "train.seed"),
+                      ("--train.batch_size=16", "train.batch_size")):
+        assert train_cli.main(["--run-dir", str(run), "--resume", flag, "--train.steps=8"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{key} would change (saved " in err[0] and "now " in err[0], err
+    assert (run / "config.yaml").read_text() == saved.replace("steps: 4", "steps: 6")
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
 def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
     common = ["--train.eval_every=100", "--train.save_every=3"]
     assert train_cli.main(train_args(corpus, tmp_path / "ref", *common, "--train.steps=6")) == 0

@@ -71,10 +71,28 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
 # The steps, in the order run() takes them.
 
 
+# What a resumed run keeps from its config.yaml whatever the flags say: its data, its tokenizer and what its
+# batches are made of (the model's shape is checked against the checkpoint itself, in _check_compatible).
+FIXED_ON_RESUME = {"data": None, "train": ("batch_size", "seq_len", "seed", "init_from")}  # None: every field
+
+
 def load_config(config_path, overrides, run_dir: Path, resume: bool) -> RunConfig:
-    if config_path is None and resume and (run_dir / "config.yaml").is_file():
-        config_path = run_dir / "config.yaml"
-    return load_run_config(config_path, overrides)
+    """The run's config: the YAML file (a preset) with the flags' overrides; on resume, the run directory's own
+    config.yaml with the flags' overrides, a preset named again changing nothing by itself. A flag given on resume
+    may change how long the run goes and how it reports (steps, schedule, evaluation, saving, logging); one that
+    would change its data or tokenizer is refused, naming the key and both values."""
+    saved_file = run_dir / "config.yaml"
+    if not (resume and saved_file.is_file()):
+        return load_run_config(config_path, overrides)
+    saved, config = load_run_config(saved_file), load_run_config(saved_file, overrides)
+    for section, names in FIXED_ON_RESUME.items():
+        before, now = getattr(saved, section), getattr(config, section)
+        for name in names or [f.name for f in dataclasses.fields(before)]:
+            if getattr(before, name) != getattr(now, name):
+                raise ConfigError(f"cannot resume {run_dir}: {section}.{name} would change (saved "
+                                  f"{getattr(before, name)!r}, now {getattr(now, name)!r}); a resumed run keeps its "
+                                  "data and tokenizer: leave the flag out, or start a new --run-dir")
+    return config
 
 
 def check_run(config: RunConfig, run_dir: Path, resume: bool):
