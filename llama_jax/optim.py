@@ -29,7 +29,9 @@ class TrainState:
 
 def lr_schedule(train: TrainConfig) -> optax.Schedule:
     peak, floor, warm = train.lr, train.lr * train.min_lr_ratio, train.warmup_steps
-    warmup = optax.linear_schedule(0.0, peak, max(warm, 1))
+    # Step s of the warm-up (0-based) takes peak * (s + 1) / warm: the first step already learns, the last of them
+    # reaches the peak (a warm-up from 0 spent its first step on nothing).
+    warmup = optax.linear_schedule(peak / max(warm, 1), peak, max(warm - 1, 1))
     if train.schedule == "constant":
         rest = optax.constant_schedule(peak)
     elif train.schedule == "cosine":

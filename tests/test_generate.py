@@ -310,3 +310,22 @@ def test_the_python_api_checks_its_inputs(small_config):
                                   top_p=float(np.float32(0.9)), seed=3)
     with pytest.raises(ValueError, match="top_k=True must be a positive integer"):
         lj.generate(params, config, [[1, 5]], max_new_tokens=3, top_k=True)
+
+
+def test_sampling_without_a_seed_differs_between_runs_and_prints_the_seed(hf_dir, capsys):
+    from llama_jax.cli import generate as generate_cli
+
+    path, _, _ = hf_dir
+    argv = ["--checkpoint", str(path), "--prompt", "the king", "--max-new-tokens", "24", "--temperature", "1.5"]
+    samples, seeds = [], []
+    for _ in range(2):
+        assert generate_cli.main(argv) == 0
+        out, err = capsys.readouterr()
+        samples.append(out)
+        seeds.append(int(err.split("seed: ", 1)[1].split()[0]))
+    assert samples[0] != samples[1] and seeds[0] != seeds[1]
+    # The printed seed draws the same sample again; greedy decoding needs none and says nothing of one.
+    assert generate_cli.main([*argv, "--seed", str(seeds[0])]) == 0
+    out, err = capsys.readouterr()
+    assert out == samples[0] and "seed:" not in err
+    assert generate_cli.main([*argv[:-1], "0"]) == 0 and "seed:" not in capsys.readouterr().err

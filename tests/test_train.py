@@ -58,6 +58,7 @@ def test_loss_falls_and_run_dir_is_complete(corpus, tmp_path, capsys):
                                      "--train.save_every=20")) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and f"checkpoint: {run / 'checkpoints' / '40'}" in out
+    assert f"metrics: {run / 'metrics.jsonl'}, loss plot: {run / 'loss.png'}, TensorBoard: tensorboard --logdir" in out
     l = losses(run)
     assert np.mean([l[s] for s in range(36, 41)]) < np.mean([l[s] for s in range(1, 6)]) - 1.0
     rows = read_metrics(run / "metrics.jsonl")
@@ -292,7 +293,8 @@ def test_loss_gradient_contracts_one_token_axis(scan_layers):
 def test_lr_schedules(schedule):
     t = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
     f = optim.lr_schedule(t)
-    assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5) and float(f(10)) == pytest.approx(1.0)
+    # The warm-up's steps 0..9 take 0.1, 0.2, ..., 1.0: the first step learns, the tenth reaches the peak.
+    assert [float(f(s)) for s in (0, 4, 9, 10)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
     end = {"cosine": 0.1, "constant": 1.0, "wsd": 0.1}[schedule]
     assert float(f(100)) == pytest.approx(end, abs=1e-6)
     if schedule == "wsd":
@@ -338,6 +340,20 @@ def test_resume_continues_the_run_in_the_directory_whatever_the_preset_says(corp
         assert len(err) == 1 and f"{key} would change (saved " in err[0] and "now " in err[0], err
     assert (run / "config.yaml").read_text() == saved.replace("steps: 4", "steps: 6")
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_mfu_never_reads_above_100_percent_and_a_warmup_longer_than_the_run_is_said(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    # A stated peak far below what the machine does (as a start-up timing on a loaded CPU can be): MFU is measured
+    # against the best rate the run itself shows, never above it.
+    assert train_cli.main(train_args(corpus, run, "--train.steps=6", "--train.warmup_steps=10",
+                                     "--train.peak_flops=1000")) == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    mfu = [r["mfu"] for r in rows if "mfu" in r]
+    assert mfu and all(0 < m <= 1.0 for m in mfu) and max(mfu) == 1.0
+    assert "train.warmup_steps=10 is more than train.steps=6" in capsys.readouterr().err
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[0] == pytest.approx(3e-3 / 10) and lrs == sorted(lrs)  # the first step already learns
 
 
 def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import time
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, help="keep the most likely tokens whose probabilities sum to p")
     p.add_argument("--min-p", type=float, help="keep tokens at least min-p times as likely as the most likely one")
     p.add_argument("--repetition-penalty", type=float, help="divide the logits of tokens already seen (CTRL)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="the random seed of sampling (default: a new one each run, printed so "
+                                            "that the sample can be drawn again)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: float32 on a CPU, the checkpoint's elsewhere)")
@@ -124,8 +126,13 @@ def run(args) -> None:
     ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
     config, params, tok = ckpt.config, ckpt.params, ckpt.tokenizer
     config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
+    seed = args.seed
+    if seed is None:
+        seed = secrets.randbelow(1 << 31)
+        if args.temperature > 0:  # greedy decoding draws nothing
+            print(f"seed: {seed} (--seed {seed} draws this sample again)", file=sys.stderr)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+                    top_p=args.top_p, min_p=args.min_p, seed=seed, repetition_penalty=args.repetition_penalty)
     if args.chat:
         if ckpt.chat_template is None:
             raise UsageError(f"--chat: {args.checkpoint} has no chat template (a base model); generate from a "

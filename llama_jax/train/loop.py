@@ -107,6 +107,9 @@ def check_run(config: RunConfig, run_dir: Path, resume: bool):
                           "new run there")
     mesh = sharding.make_mesh(config.train.mesh)
     tc = config.train
+    if tc.warmup_steps > tc.steps:
+        print(f"warning: train.warmup_steps={tc.warmup_steps} is more than train.steps={tc.steps}: the learning rate "
+              f"is still rising when the run ends (at {tc.steps / tc.warmup_steps:.0%} of train.lr)", file=sys.stderr)
     micro, ways = tc.batch_size // tc.grad_accum, sharding.batch_size_divisor(mesh)
     if micro % ways or tc.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={tc.batch_size} / grad_accum={tc.grad_accum} = {micro} sequences per "
@@ -374,12 +377,14 @@ def finish(run_dir: Path, result: dict) -> dict:
     if result["stopped_by"] is not None:
         print(f"stopped by {result['stopped_by']} after step {result['step']}; saved {result['checkpoint']} "
               f"(continue with --resume --run-dir {run_dir})", file=sys.stderr)
-    if _is_main():
-        plot_loss(run_dir)
+    plot = plot_loss(run_dir) if _is_main() else None
     if result["val_loss"] is not None:
         loss = result["val_loss"]
         print(f"validation loss {loss:.4f} (perplexity {np.exp(min(loss, 50)):.2f}) at step {result['step']}")
     print(f"checkpoint: {result['checkpoint']}")
+    if _is_main():  # where the run's records went
+        print(f"metrics: {run_dir / 'metrics.jsonl'}" + (f", loss plot: {plot}" if plot else "")
+              + f", TensorBoard: tensorboard --logdir {run_dir}")
     return result
 
 
@@ -441,7 +446,12 @@ class _Throughput:
             return None
         jax.block_until_ready(metrics)
         rate = (step - self.step) * tc.batch_size * tc.seq_len / (time.perf_counter() - self.t)
-        rates = {"tok_per_s": rate, "mfu": rate * self.flops_per_token / (self.peak * jax.device_count())}
+        achieved = rate * self.flops_per_token / jax.device_count()
+        # The start-up matmul (or a stated train.peak_flops) can fall short of what the machine does: on a shared CPU
+        # it is timed under whatever load there was. A rate the run reaches is a peak it has shown, so the peak is
+        # raised to it and MFU never reads above 100%.
+        self.peak = max(self.peak, achieved)
+        rates = {"tok_per_s": rate, "mfu": achieved / self.peak}
         self.restart(step)
         return rates
 
