@@ -236,15 +236,16 @@ def _parse_scalar(text: str):
 
 
 def field_comments(cls) -> dict[str, str]:
-    """The one-line comment after each field in the class's source: the flag help of `train.py --help`."""
+    """The comment after each field in the class's source, with the comment lines that continue it: the flag help
+    of `train.py --help`."""
     import inspect
 
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    found = re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE)
-    return {name: comment.strip() for name, comment in found}
+    found = re.findall(r"^    (\w+): [^#\n]*#\s*(.*(?:\n    #.*)*)", source, flags=re.MULTILINE)
+    return {name: " ".join(part.strip(" #") for part in comment.splitlines()) for name, comment in found}
 
 
 def to_dict(config) -> dict:
@@ -261,7 +262,8 @@ def load_model_config(path: str | Path) -> ModelConfig:
 class DataConfig:
     path: str | None = None  # file, directory or glob of the corpus; None means the default Shakespeare corpus
     format: str = "text"  # "text" (pretraining) or "chat" (JSONL conversations, loss on assistant turns only)
-    tokenizer: str | None = None  # an existing SentencePiece tokenizer.model; None trains one on the corpus
+    tokenizer: str | None = None  # an existing tokenizer: tokenizer.model (SentencePiece or Meta's tiktoken),
+    #                               tokenizer.json or a Hugging Face directory; None trains one on the corpus
     tokenizer_type: str = "bpe"  # "bpe" or "unigram", when training a tokenizer
     text_field: str = "text"  # the field holding the text in .jsonl files
     separator: str | None = None  # splits .txt files into documents; None means a file is a document

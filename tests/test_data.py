@@ -185,3 +185,10 @@ def test_token_file_from_another_tokenizer_is_refused(corpus, tok, tmp_path):
 def test_too_small_corpus_for_a_batch(prepared):
     with pytest.raises(DataError, match="too few for one batch"):
         Loader(prepared, 4096, 64, LoaderState(0))
+
+
+def test_the_tokenizing_bar_ends_at_100_percent(corpus, tok, tmp_path, capsys):
+    root, _ = corpus
+    data.prepare(root, tok, tmp_path / "prep", progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "tokenizing: 100%" in bar, bar

@@ -169,6 +169,9 @@ def test_a_wheel_installs_every_module_data_file_and_console_script(tmp_path):
                        ("llama-jax-tokenizer", "train")]:
         out = script(name, "--help")
         assert out.returncode == 0 and word in out.stdout, (name, out.stderr[-2000:])
+        assert out.stdout.startswith(f"usage: {name} "), out.stdout[:80]  # its own name, not train.py's
+    # The license the metadata declares travels with the wheel.
+    assert [p.name for p in target.glob("llama_jax-*.dist-info/**/LICENSE")] == ["LICENSE"]
     # The main job's shape from outside the repository: a preset by name, a corpus, a run, then text from it.
     from tests.test_bad_inputs import TINY, write_corpus
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from llama_jax.config import SECTIONS, field_comments
 
@@ -17,12 +18,32 @@ USER_ERROR = 2
 CHECKPOINT_HELP = "a training run directory, a Hugging Face Llama directory, a GGUF file or a llama2.c .bin file"
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already says its default or there is none to say (a
+    None or False default, or one the help describes in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def program(script: str) -> str:
+    """The name usage lines show: the console script's (llama-jax-train) when it is the one running, else
+    `script` (train.py, python -m llama_jax.eval)."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("llama-jax-") else script
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with no abbreviated flags and usage errors as one line: "error: ..." and exit code 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        if "prog" in kwargs:
+            kwargs["prog"] = program(kwargs["prog"])
         super().__init__(*args, **kwargs)
 
     def error(self, message):

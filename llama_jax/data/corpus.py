@@ -202,6 +202,7 @@ def prepare(paths, tokenizer, out_dir: str | Path, *, val_fraction: float = 0.05
             for tokens in tokenizer.encode_batch(texts, bos=True, eos=True, num_threads=num_threads):
                 writer.add(tokens)
             bar.update(sum(len(t.encode("utf-8", errors="replace")) for t in texts))
+        bar.update(bar.total - bar.n)  # the files' other bytes (JSON syntax, separators) are read too: 100%
         if writer.documents == 0 or writer.tokens <= 2 * writer.documents:
             raise DataError(f"{', '.join(map(str, paths if isinstance(paths, (list, tuple)) else [paths]))}: "
                             "the corpus is empty (no text in any document)")
