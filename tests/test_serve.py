@@ -232,6 +232,7 @@ def test_a_seeded_sample_is_reproducible_alone_or_among_others(served):
     ({"prompt": "word " * 400}, 400, "prompt"),
     ({"prompt": [1, 2, 99999]}, 400, "prompt"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "max_tokens": MAX_LEN}, 400, "max_tokens"),  # beyond the context: refused, as OpenAI does
 ])
 def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(served, body, status, param):
     got, answer, _ = _post(served[1], "/v1/completions", body)
@@ -240,11 +241,20 @@ def test_each_bad_request_gets_its_status_and_the_server_keeps_serving(served, b
 
 
 def test_bad_chat_requests(served):
+    hi = [{"role": "user", "content": "hi"}]
     for body, param in (({"messages": "hi"}, "messages"), ({"messages": [{"role": "user"}]}, "messages"),
-                        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs")):
+                        ({"messages": hi, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+                        ({"messages": hi, "max_tokens": MAX_LEN}, "max_tokens")):
         got, answer, _ = _post(served[1], "/v1/chat/completions", body)
-        assert got == 400 and answer["error"]["param"] == param
+        assert got == 400 and answer["error"]["param"] == param, answer
+    assert "'wizard' is not one of system, developer, user, assistant, tool" in _post(
+        served[1], "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})[1]["error"]["message"]
+    assert _post(served[1], "/v1/chat/completions", {"messages": hi, "max_tokens": MAX_LEN})[1]["error"]["code"] == \
+        "context_length_exceeded"
     assert _post(served[1], "/v1/nothing", {})[0] == 404
+    # Each refused request has its line in the log, as each answered one has.
+    assert "refused: 400 messages: messages[0].role 'wizard'" in served[4].read_text()
 
 
 def long_prompt(ckpt, n):
@@ -349,6 +359,7 @@ def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served
     class Busy:
         tokenizer, config, max_len = ckpt.tokenizer, ckpt.config, 128
         error = QueueFull("2 requests are waiting (the queue holds 2)")
+        log = None
 
         def submit(self, request):
             raise self.error

@@ -27,6 +27,9 @@ from llama_jax.serve.engine import TOP_LOGPROBS, Engine, EngineStopping, Event, 
 from llama_jax.serve.protocol import MAX_BODY, MAX_N, BadRequest, sampling_fields
 from llama_jax.text import chat_template as chat
 
+# OpenAI's chat roles ("function", its deprecated one, aside); the chat template decides what it does with each.
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
 
 def error_response(e: BadRequest, headers: dict | None = None) -> JSONResponse:
     kind = {404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(e.status,
@@ -51,13 +54,13 @@ class Server:
         ], exception_handlers={404: self.not_found, 405: self.not_allowed, 500: self.internal_error})
 
     async def not_found(self, request, exc):
-        return error_response(BadRequest(f"no route {request.url.path}", status=404))
+        return self._refuse(BadRequest(f"no route {request.url.path}", status=404))
 
     async def not_allowed(self, request, exc):
-        return error_response(BadRequest(f"{request.method} is not allowed on {request.url.path}", status=405))
+        return self._refuse(BadRequest(f"{request.method} is not allowed on {request.url.path}", status=405))
 
     async def internal_error(self, request, exc):
-        return error_response(BadRequest(f"internal error: {type(exc).__name__}: {exc}", status=500))
+        return self._refuse(BadRequest(f"internal error: {type(exc).__name__}: {exc}", status=500))
 
     async def health(self, request):
         stats = self.engine.stats()
@@ -108,7 +111,7 @@ class Server:
             jobs = [self._request(ids, max_tokens, fields, logprobs, echo, i * n + j, n)
                     for i, (ids, _) in enumerate(prompts) for j in range(n)]
         except BadRequest as e:
-            return error_response(e)
+            return self._refuse(e)
         rid = "cmpl-" + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         texts = {job.index: prompts[job.index // n][1] for job in jobs}
@@ -149,10 +152,14 @@ class Server:
             raise BadRequest(f"the prompt has {len(ids)} tokens; the context holds {self.engine.max_len}, so at "
                              "most " + str(self.engine.max_len - 1) + " leave room to generate", "prompt",
                              code="context_length_exceeded")
+        if max_tokens > room:  # as OpenAI answers, rather than cutting the answer short unasked
+            raise BadRequest(f"the context holds {self.engine.max_len} tokens, but {len(ids) + max_tokens} were asked "
+                             f"for ({len(ids)} in the prompt, max_tokens={max_tokens} for the completion); ask for at "
+                             f"most {room}", "max_tokens", code="context_length_exceeded")
         seed = fields["seed"]
         if seed is not None:  # n choices from one seed: each its own stream, all reproducible
             seed = (seed * MAX_N + index % n) % (1 << 31)
-        r = Request(prompt=ids, max_tokens=min(max_tokens, room), temperature=fields["temperature"],
+        r = Request(prompt=ids, max_tokens=max_tokens, temperature=fields["temperature"],
                     top_p=fields["top_p"], top_k=fields["top_k"], min_p=fields["min_p"],
                     repetition_penalty=fields["repetition_penalty"], seed=seed, stop=fields["stop"],
                     logprobs=logprobs, echo=echo, id=uuid.uuid4().hex[:12])
@@ -224,7 +231,7 @@ class Server:
                                   False, j, n) for j in range(n)]
             stream = req.boolean(body, "stream")
         except BadRequest as e:
-            return error_response(e)
+            return self._refuse(e)
         rid = "chatcmpl-" + uuid.uuid4().hex[:24]
         head = {"id": rid, "created": int(time.time()), "model": self.model_name}
 
@@ -244,6 +251,8 @@ class Server:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise BadRequest(f"messages[{i}] must be an object with a role and a content", "messages")
+            if m["role"] not in ROLES:
+                raise BadRequest(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}", "messages")
             content = m.get("content")
             if isinstance(content, list):  # content parts: only text
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -280,10 +289,16 @@ class Server:
         try:
             results = await self._run_all(request, jobs)
         except BadRequest as e:
-            return error_response(e, self._retry(e))
+            return self._refuse(e, self._retry(e))
         if results is None:  # the client went away
             return JSONResponse({}, status_code=499)
         return JSONResponse({**head, "choices": choices(results), "usage": self._usage(jobs, results)})
+
+    def _refuse(self, e: BadRequest, headers: dict | None = None) -> JSONResponse:
+        """OpenAI's error object for a refused request, and the log line the server writes for every request."""
+        if self.engine.log is not None:
+            self.engine.log(f"refused: {e.status} {e.param or '-'}: {e.message}")
+        return error_response(e, headers)
 
     def _retry(self, e: BadRequest) -> dict | None:
         return {"Retry-After": str(self.retry_after)} if e.status in (429, 503) else None
@@ -332,7 +347,7 @@ class Server:
         try:
             self._submit(jobs)
         except BadRequest as e:
-            return error_response(e, self._retry(e))
+            return self._refuse(e, self._retry(e))
 
         async def events():
             done = [Event() for _ in jobs]

@@ -268,6 +268,7 @@ class Engine:
                 self._waiting = kept
             for r in dropped:
                 r.emit(Event(finish_reason="cancelled"))
+                self._log(r, 0, time.monotonic(), "cancelled while waiting")
             for a in list(self._active.values()):
                 if a.request.id in cancelled:
                     self._finish(a, "cancelled")
@@ -362,13 +363,14 @@ class Engine:
     def _finish(self, a: _Active, reason: str | None, event: Event | None = None, error: str | None = None):
         self._active.pop(a.slot, None)
         self._pool = slots.deactivate(self._pool, a.slot)
-        a.request.emit(event or Event(finish_reason=reason, error=error))
-        self._log(a.request, a.generated, a.started)
+        event = event or Event(finish_reason=reason, error=error)
+        a.request.emit(event)
+        self._log(a.request, a.generated, a.started, event.finish_reason)
 
-    def _log(self, r: Request, generated: int, started: float) -> None:
+    def _log(self, r: Request, generated: int, started: float, how: str | None = None) -> None:
         if self.log is not None:
             self.log(f"request {r.id or '-'}: {len(r.prompt)} prompt tokens, {generated} generated, "
-                     f"{(time.monotonic() - started) * 1000:.0f} ms")
+                     f"{(time.monotonic() - started) * 1000:.0f} ms" + (f", {how}" if how else ""))
 
     def _score_prompt(self, prompt: list[int], top: int):
         T = next(b for b in self.buckets if b >= len(prompt))
