@@ -23,7 +23,9 @@ def matmul(a, b, *, transpose_b: bool = False, out_dtype=None):
     """a [..., M, K] @ b [..., K, N] -> [..., M, N], or b [..., N, K] with transpose_b; leading axes are batch axes
     (as many in a as in b). Mixed operand dtypes are promoted as jnp.matmul does. out_dtype: the result's dtype
     (default the operands'); bfloat16 products accumulate in float32 either way."""
-    assert a.ndim == b.ndim >= 2 and a.shape[:-2] == b.shape[:-2], (a.shape, b.shape)
+    if not (a.ndim == b.ndim >= 2 and a.shape[:-2] == b.shape[:-2]):
+        raise ValueError(f"matmul: operands of the same rank >= 2 with equal batch dimensions, got {a.shape} and "
+                         f"{b.shape}")
     dtype = jnp.result_type(a, b)
     a, b = a.astype(dtype), b.astype(dtype)
     out_dtype = jnp.dtype(out_dtype or dtype)

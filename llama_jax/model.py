@@ -83,7 +83,9 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: str = "none
 def apply_rope(x_BTNH, positions_BT, inv_freq):
     """Rotates x by its per-row positions. Layout: split halves (as in Hugging Face Llama), i.e. dimension i is
     paired with i + H/2, not interleaved pairs (2i, 2i+1) as in Meta's original code. Computed in float32."""
-    assert x_BTNH.ndim == 4 and positions_BT.shape == x_BTNH.shape[:2], (x_BTNH.shape, positions_BT.shape)
+    if not (x_BTNH.ndim == 4 and positions_BT.shape == x_BTNH.shape[:2]):
+        raise ValueError(f"apply_rope: x must be [B, T, N, H] and positions [B, T], got {x_BTNH.shape} and "
+                         f"{positions_BT.shape}")
     return _rotate(x_BTNH, _cos_sin(positions_BT, inv_freq))
 
 
@@ -119,9 +121,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, *, implementation: str = "a
     """
     B, T, N, H = q_BTNH.shape
     _, S, K, _ = k_BSKH.shape
-    assert k_BSKH.shape == v_BSKH.shape == (B, S, K, H) and N % K == 0, (q_BTNH.shape, k_BSKH.shape)
-    assert mask_BTS is None or mask_BTS.shape == (B, T, S), mask_BTS.shape
-    assert not is_causal or T == S, f"is_causal needs as many queries as keys, got {T} and {S}"
+    if not (k_BSKH.shape == v_BSKH.shape == (B, S, K, H) and N % K == 0):
+        raise ValueError(f"attention: q [B, T, N, H], k and v [B, S, K, H] with N a multiple of K; got "
+                         f"{q_BTNH.shape}, {k_BSKH.shape}, {v_BSKH.shape}")
+    if not (mask_BTS is None or mask_BTS.shape == (B, T, S)):
+        raise ValueError(f"attention: mask must be [B, T, S] = {(B, T, S)}, got {mask_BTS.shape}")
+    if not (not is_causal or T == S):
+        raise ValueError(f"is_causal needs as many queries as keys, got {T} and {S}")
     if implementation == "auto":
         fused = jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
         implementation = "cudnn" if fused else "reference"
@@ -261,9 +267,11 @@ def _rope(config: ModelConfig, positions_BT):
 
 
 def _check_tokens(tokens, positions, segment_ids):
-    assert tokens.ndim == 2, f"tokens must be [batch, seq], got shape {tokens.shape}"
+    if not (tokens.ndim == 2):
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     for name, a in (("positions", positions), ("segment_ids", segment_ids)):
-        assert a is None or a.shape == tokens.shape, f"{name} shape {a.shape} != tokens shape {tokens.shape}"
+        if not (a is None or a.shape == tokens.shape):
+            raise ValueError(f"{name} shape {a.shape} != tokens shape {tokens.shape}")
 
 
 def check_token_ids(tokens, vocab_size: int) -> None:
@@ -383,7 +391,8 @@ def hidden_cached(params, tokens_BT, positions_BT, cache: KVCache, config: Model
     x_BTD = params["embed"][tokens_BT].astype(dtype)
     layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])  # a list stays a list
     if scan_layers:
-        assert isinstance(layers, dict), "scan_layers=True needs stacked layers (not unstack_layers output)"
+        if not (isinstance(layers, dict)):
+            raise ValueError("scan_layers=True needs stacked layers (not unstack_layers output)")
 
         def body(x_BTD, layer_and_kv):
             layer, k, v = layer_and_kv

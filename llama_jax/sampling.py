@@ -24,7 +24,9 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
 
 
 def top_k_filter(logits_BV, k: int):
-    """Keeps the k largest logits of each row."""
+    """Keeps the k largest logits of each row (every one, when k is the vocabulary's size or more)."""
+    if k >= logits_BV.shape[-1]:
+        return logits_BV
     kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
     return jnp.where(logits_BV >= kth_B1, logits_BV, NEG_INF)
 

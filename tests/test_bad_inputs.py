@@ -158,6 +158,10 @@ def _non_empty_out(d):
     (d / "out" / "notes.txt").write_text("mine")
 
 
+def _a_file(d):
+    (d / "a_file").write_text("a file, where a directory would have to be\n")
+
+
 def _neither(d):
     (d / "empty").mkdir()
 
@@ -195,6 +199,11 @@ BAD_INPUTS = [
     _case("train", ["--data.tokenizer", f"{D}/none.model"], ["data.tokenizer=", "none.model: no such file"]),
     _case("train", ["--data.tokenizer", f"{D}/tok.model"], ["tok.model: not a SentencePiece model"], _not_spm),
     _case("train", ["--model.vocab_size", "60000"], ["vocab size 60000 is too large for this corpus"]),
+    # a place that cannot be written (as root, only a path under a file is unwritable)
+    _case("train", ["--run-dir", f"{D}/a_file/run"], ["--run-dir", "a_file/run: cannot write there"], _a_file,
+          watch="a_file"),
+    _case("train", ["--run-dir", f"{D}/fresh", "--data.cache_dir", f"{D}/a_file/tokens"],
+          ["data.cache_dir", "a_file/tokens: cannot write there"], _a_file, watch="a_file"),
     # generate.py
     _case("generate", ["--checkpoint", f"{D}/nowhere"], ["--checkpoint", "nowhere: no such file or directory"]),
     _case("generate", ["--checkpoint", f"{D}/empty"], ["neither a training run directory"], _neither),
@@ -228,6 +237,8 @@ BAD_INPUTS = [
     _case("hf", ["export", "--checkpoint", R, "--step", "5", "--out", f"{D}/o3"], ["no checkpoint for step 5"]),
     _case("hf", ["import", "--checkpoint", R, "--out", f"{D}/o4"], ["import reads a Hugging Face directory"]),
     _case("hf", ["convert"], ["invalid choice: 'convert'"]),
+    _case("hf", ["export", "--checkpoint", R, "--out", f"{D}/a_file/hf"], ["--out", "a_file/hf: cannot write there"],
+          _a_file, watch="a_file"),
     # python -m llama_jax.tokenizer
     _case("tokenizer", ["train", "--input", f"{D}/missing.txt", "--vocab-size", "300", "--out", f"{D}/t.model"],
           ["missing.txt: no such file or directory"]),

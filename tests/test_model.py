@@ -325,3 +325,22 @@ def test_flops_per_token_formula():
     c = lj.ModelConfig(vocab_size=100, dim=16, n_layers=2, n_heads=2, ffn_dim=32, tie_embeddings=False)
     per_layer = 16 * 16 * 4 + 3 * 16 * 32
     assert lj.flops_per_token(c, 8) == 6 * (2 * per_layer + 16 * 100) + 12 * 2 * 8 * 16
+
+
+def test_argument_checks_survive_python_O():
+    import subprocess
+    import sys
+
+    code = ("import jax.numpy as jnp, llama_jax as lj\n"
+            "try:\n    lj.attention(jnp.ones((1, 2, 4, 8)), jnp.ones((1, 2, 3, 8)), jnp.ones((1, 2, 3, 8)))\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=120)
+    assert "refused: attention: q [B, T, N, H]" in out.stdout, out.stderr[-1000:]
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(small_config):
+    logits = jax.random.normal(jax.random.key(0), (2, small_config.vocab_size))
+    np.testing.assert_array_equal(lj.top_k_filter(logits, small_config.vocab_size + 50), logits)
+    params = lj.init_params(small_config, jax.random.key(0))
+    out = lj.generate(params, small_config, [[1, 2, 3]], max_new_tokens=3, temperature=1.0, top_k=10**6, seed=1)
+    assert len(out[0]) == 3

@@ -18,7 +18,7 @@ import numpy as np
 
 from llama_jax.config import ConfigError, ModelConfig
 from llama_jax.errors import UserError
-from llama_jax.files import apply_umask
+from llama_jax.files import apply_umask, make_dirs
 from llama_jax.host_memory import aligned_empty
 
 # ours -> HF name (per layer names take the layer index), and whether the tensor is a transposed matrix.
@@ -214,7 +214,7 @@ def save_hf_checkpoint(out_dir, config: ModelConfig, params, tokenizer=None, max
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, "--out")
     tensors = hf_state_dict(config, params)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from llama_jax import optim
 from llama_jax.config import ConfigError, ModelConfig, RunConfig, build, dump_yaml, load_run_config
 from llama_jax.errors import UserError
+from llama_jax.files import make_dirs
 from llama_jax.text.tokenizer import tokenizer_from_files
 
 
@@ -232,7 +233,7 @@ def save_imported(run_dir, model_config: ModelConfig, params, tok, loader_state:
         raise ConfigError(f"{run_dir} exists and is not empty; choose a new directory")
     base = load_run_config(None, [f"train.seq_len={min(256, model_config.max_seq_len)}"])
     config = dataclasses.replace(base, model=model_config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir, "--out")
     tok.save(run_dir)
     dump_yaml(config, run_dir / "config.yaml")
     state = optim.init_state(model_config, config.train, jax.random.key(0), params)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.errors import UserError
-from llama_jax.files import write_atomic
+from llama_jax.files import make_dirs, write_atomic
 
 SPLITS = ("train", "val")
 
@@ -76,7 +76,7 @@ class TokenWriter:
         return self.out / f"{split}{'.mask' if mask else ''}.bin.tmp"
 
     def __enter__(self):
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.out, "data.cache_dir")
         for s in SPLITS:
             self.files[s] = open(self._tmp(s), "wb")
             if self.masked:

@@ -19,7 +19,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from llama_jax.errors import UserError
-from llama_jax.files import apply_umask
+from llama_jax.files import apply_umask, make_dirs
 
 # Turn markers of the chat template (text/chat_template.py); trained tokenizers make each one a single piece.
 CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -324,7 +324,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, mode
     if rare:
         drop = dict.fromkeys(map(ord, rare))
         lines = [t for t in (line.translate(drop) for line in lines) if t.strip()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent, "the tokenizer's folder")
     tmp = tempfile.NamedTemporaryFile(dir=out.parent, suffix=".model.tmp", delete=False)
     try:
         with tmp:

@@ -29,6 +29,7 @@ from llama_jax.data.shakespeare import default_corpus
 from llama_jax.data.token_files import open_split
 from llama_jax.errors import UserError
 from llama_jax.eval import eval_sets, score_documents
+from llama_jax.files import NotWritable, make_dirs
 from llama_jax.text.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llama_jax.train import step as T
 from llama_jax.train.metrics import MetricsWriter, measure_peak_flops, plot_loss, truncate_after
@@ -131,8 +132,11 @@ def prepare_run_dir(run_dir: Path) -> RunLock | None:
     `.release()` when the run ends."""
     if not _is_main():
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return RunLock(run_dir)
+    make_dirs(run_dir, "--run-dir")
+    try:
+        return RunLock(run_dir)
+    except PermissionError as e:
+        raise NotWritable(f"--run-dir {run_dir}: cannot write there ({e.strerror})") from None
 
 
 @dataclasses.dataclass(frozen=True)
