@@ -136,6 +136,7 @@ def test_half_written_checkpoint_is_ignored(corpus, tmp_path, capsys):
     assert train_cli.main(base + ["--train.steps=12", "--resume"]) == 0
     err = capsys.readouterr().err
     assert "20 is unreadable" in err and f"resumed from {ckpts / '10'}" in err
+    assert not list(ckpts.glob("*.orbax-checkpoint-tmp*"))  # the killed save's leftovers are cleared at the start
 
 
 def test_incompatible_resume_and_bad_config_get_one_line_errors(corpus, tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -134,9 +135,14 @@ def prepare_run_dir(run_dir: Path) -> RunLock | None:
         return None
     make_dirs(run_dir, "--run-dir")
     try:
-        return RunLock(run_dir)
+        lock = RunLock(run_dir)
     except PermissionError as e:
         raise NotWritable(f"--run-dir {run_dir}: cannot write there ({e.strerror})") from None
+    # What a save cut short by a kill or a full disk left: Orbax's temporary directories, never renamed into steps.
+    # Only the lock's holder writes here, so none of them is a save in progress.
+    for leftover in (run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return lock
 
 
 @dataclasses.dataclass(frozen=True)
