@@ -199,6 +199,8 @@ BAD_INPUTS = [
     _case("train", ["--data.tokenizer", f"{D}/none.model"], ["data.tokenizer=", "none.model: no such file"]),
     _case("train", ["--data.tokenizer", f"{D}/tok.model"], ["tok.model: not a SentencePiece model"], _not_spm),
     _case("train", ["--model.vocab_size", "60000"], ["vocab size 60000 is too large for this corpus"]),
+    _case("train", ["--model.vocab_size", "40"], ["vocab size 40 is too small", "(at least 265)"]),
+    _case("train", ["--model.vocab_size", "266"], ["vocab size 266 is too small for this corpus"]),
     # a place that cannot be written (as root, only a path under a file is unwritable)
     _case("train", ["--run-dir", f"{D}/a_file/run"], ["--run-dir", "a_file/run: cannot write there"], _a_file,
           watch="a_file"),

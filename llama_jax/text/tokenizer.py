@@ -314,6 +314,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, mode
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"model_type={model_type!r} is not one of bpe, unigram")
     out = Path(out)
+    least = 4 + len(user_symbols) + 256 + 1  # <unk> <s> </s> <pad>, the symbols, the bytes, and one learned piece
+    if vocab_size < least:
+        raise TokenizerError(f"vocab size {vocab_size} is too small: the 4 special pieces, {len(user_symbols)} chat "
+                             f"symbols and 256 byte pieces leave no room for a learned one (at least {least})")
     # Read before training: an error in the texts then surfaces as itself, not as sentencepiece's own message,
     # and the alphabet is known for choosing the character coverage. (SentencePiece holds every sentence in
     # memory while it trains anyway.)
@@ -373,6 +377,9 @@ def _training_error(message: str, vocab_size: int) -> str:
         limit = msg.rsplit("<=", 1)[-1].strip(" .")
         return f"vocab size {vocab_size} is too large for this corpus (at most {limit}); use more text or a " \
                "smaller model.vocab_size"
+    if "sentences_.empty()" in msg:  # every character was left to bytes: no text remained to learn pieces from
+        return f"vocab size {vocab_size} is too small for this corpus: too few pieces remain for its characters " \
+               "after the special and byte pieces; use a larger vocabulary"
     if "smaller than required_chars" in msg:
         need = msg.split(" vs ")[-1].split(".")[0]
         return f"vocab size {vocab_size} is too small: the special pieces, 256 bytes and the characters need " \
