@@ -1,46 +1,22 @@
 """llama_jax: a functional LLaMA in JAX. The public API; see README.md and docs/."""
 
-from types import ModuleType as _ModuleType
-
-from llama_jax.config import ConfigError, ModelConfig, load_model_config
-from llama_jax.decode import generate, stream
-from llama_jax.host_memory import keep_freed_memory
-from llama_jax.model import (
-    KVCache,
-    apply_rope,
-    attention,
-    causal_mask,
-    flops_per_token,
-    forward,
-    forward_cached,
-    hidden_cached,
-    hidden_states,
-    init_cache,
-    init_params,
-    lm_head,
-    param_count,
-    rms_norm,
-    rope_frequencies,
-    swiglu,
-)
-from llama_jax.sampling import (
-    apply_repetition_penalty,
-    min_p_filter,
-    sample,
-    top_k_filter,
-    top_p_filter,
-)
-
 __version__ = "0.2.0"
 
-# Imported on first use: `import llama_jax` stays light (no Orbax, tokenizers or safetensors until needed), and
-# `python -m llama_jax.eval` runs its module fresh (runpy warns when a package has already imported it).
-_LAZY = {"load_hf_checkpoint": "checkpoints.hf", "save_hf_checkpoint": "checkpoints.hf",
-         "CheckpointError": "checkpoints.hf", "Tokenizer": "text.tokenizer", "HFTokenizer": "text.tokenizer",
-         "load_tokenizer": "text.tokenizer", "train_tokenizer": "text.tokenizer", "load_checkpoint": "checkpoints.load",
-         "Checkpoint": "checkpoints.load", "load_llama2c": "checkpoints.llama2c",
-         "load_gguf": "checkpoints.gguf", "token_logprobs": "score",
-         "score_continuations": "score", "UserError": "errors"}
+# Imported on first use: `import llama_jax` stays light (not even JAX is imported until a name is used), so that a
+# command can take its stop signals before JAX loads (an import of JAX swallows a Ctrl-C that arrives during it),
+# and `python -m llama_jax.eval` runs its module fresh (runpy warns when a package has already imported it).
+_CORE = {"config": ("ConfigError", "ModelConfig", "load_model_config"), "decode": ("generate", "stream"),
+         "host_memory": ("keep_freed_memory",),
+         "model": ("KVCache", "apply_rope", "attention", "causal_mask", "flops_per_token", "forward", "forward_cached",
+                   "hidden_cached", "hidden_states", "init_cache", "init_params", "lm_head", "param_count", "rms_norm",
+                   "rope_frequencies", "swiglu"),
+         "sampling": ("apply_repetition_penalty", "min_p_filter", "sample", "top_k_filter", "top_p_filter")}
+_OTHER = {"checkpoints.hf": ("load_hf_checkpoint", "save_hf_checkpoint", "CheckpointError"),
+          "text.tokenizer": ("Tokenizer", "HFTokenizer", "load_tokenizer", "train_tokenizer"),
+          "checkpoints.load": ("load_checkpoint", "Checkpoint"), "checkpoints.llama2c": ("load_llama2c",),
+          "checkpoints.gguf": ("load_gguf",), "score": ("token_logprobs", "score_continuations"),
+          "errors": ("UserError",)}
+_LAZY = {name: module for table in (_CORE, _OTHER) for module, names in table.items() for name in names}
 
 
 def __getattr__(name):
@@ -52,5 +28,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
 
 
-__all__ = sorted([n for n, v in globals().items() if not n.startswith("_") and not isinstance(v, _ModuleType)]
-                 + list(_LAZY))  # the functions and classes above, not the submodules their imports bind
+__all__ = sorted(_LAZY)
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

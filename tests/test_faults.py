@@ -350,3 +350,42 @@ def test_two_processes_from_a_fresh_run_directory_match_one_process(corpus, tmp_
     print(f"two processes vs one: max |loss difference| over 6 steps = {diff:.2e}")
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=2e-5)
     assert checkpoint.step_dirs(two / "checkpoints") == [3, 6]
+
+
+@pytest.mark.parametrize("moment", ["loading", "tokenizer", "first step"])
+def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line(corpus, tmp_path, moment):
+    """SIGINT while Python and JAX load, while the tokenizer trains, and while the first step compiles: exit 130
+    and one line (or, once training has begun, the stop checkpoint and 0); never a traceback or an abort from
+    inside XLA (an exception raised by the handler while C++ was on the stack aborted the process)."""
+    import selectors
+
+    proc = _train_proc(corpus, tmp_path / "run", "--train.steps=400")
+    marker = {"loading": None, "tokenizer": "training a bpe tokenizer", "first step": "0/400"}[moment]
+    seen, sel = "", selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + 120
+    if marker is None:  # the command's own handlers are in (it catches SIGTERM from then on) while JAX loads
+        caught = lambda: int(next(line for line in open(f"/proc/{proc.pid}/status")
+                                  if line.startswith("SigCgt")).split()[1], 16)
+        while not caught() >> (signal.SIGTERM - 1) & 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "jax" not in _modules_loaded(proc.pid), "JAX was loaded before the command took its signals"
+    while marker is not None and marker not in seen and time.monotonic() < deadline:
+        if sel.select(timeout=1):
+            seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    err = seen + err
+    assert "Traceback" not in err and "terminate called" not in err, err[-2000:]
+    stops = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by SIGINT")]
+    assert len(stops) == 1, err[-2000:]
+    if proc.returncode == 0:  # the signal came once the first step was under way: it was saved
+        assert "after step 1" in stops[0] and (tmp_path / "run" / "checkpoints" / "1").is_dir()
+    else:
+        assert proc.returncode == 130 and "nothing was" in stops[0], (proc.returncode, err[-2000:])
+
+
+def _modules_loaded(pid: int) -> str:
+    """The shared libraries mapped into a process (JAX's XLA extension appears once `import jax` has begun)."""
+    return "jax" if "xla_extension" in open(f"/proc/{pid}/maps").read() or "jaxlib" in open(
+        f"/proc/{pid}/maps").read() else ""

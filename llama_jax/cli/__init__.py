@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 CACHE_VARIABLE = "LLAMA_JAX_COMPILATION_CACHE"
@@ -53,13 +55,38 @@ def use_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+class _Loading:
+    """Records SIGINT/SIGTERM while a command and JAX load (JAX's import swallows a Ctrl-C that lands in it, and a
+    default SIGTERM would end the process without a word)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _record(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
 def main(command: str, argv=None) -> int:
-    """Runs llama_jax.cli.<command>.main(argv) and returns its exit code."""
+    """Runs llama_jax.cli.<command>.main(argv) and returns its exit code (128 + N when signal N stopped it while
+    it was loading)."""
+    loading = _Loading() if threading.current_thread() is threading.main_thread() else None
     from llama_jax.host_memory import keep_freed_memory
 
     keep_freed_memory()  # before any JAX work: CPU steps stop page-faulting their buffers in (host_memory.py)
     use_compilation_cache()
-    return importlib.import_module(f"llama_jax.cli.{command}").main(argv)
+    module = importlib.import_module(f"llama_jax.cli.{command}")
+    if loading is not None:
+        loading.restore()
+        if loading.signum is not None:
+            print(f"stopped by {signal.Signals(loading.signum).name} while starting; nothing was done",
+                  file=sys.stderr)
+            return 128 + loading.signum
+    return module.main(argv)
 
 
 def run(command: str) -> None:

@@ -53,12 +53,16 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
     own_signals, signals = signals is None, signals or Signals()
     lock = prepare_run_dir(run_dir)
     try:
+        signals.check()  # between start-up phases: a stop signal during one ends the run here
         start = initial_state(config, run_dir, mesh, resume)
+        signals.check()
         config, corpus = start.config, start.config.data.path or default_corpus()
         tok = on_process_zero(lambda: prepare_tokenizer(config, run_dir, corpus, start.tokenizer, start.meta))
+        signals.check()
         splits = on_process_zero(lambda: prepare_data(config, run_dir, corpus, tok, progress=_is_main()))
         dc = config.data
         evals = eval_sets(config.train.eval_paths, tok, dc.text_field, dc.separator, dc.utf8_errors)
+        signals.check()
         begin_records(config, run_dir, start)
         result = train_loop(config, run_dir, mesh, start, tok, splits, signals, evals)
         return finish(run_dir, result)
@@ -343,7 +347,7 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, start: Start, tok, splits
     clock = _Throughput(config, step)
     pending, last_saved, val_loss, stop, compile_s = None, step if step else -1, None, None, None
     batches = iter(loader)
-    signals.training = True
+    signals.begin_training()
     try:
         while step < tc.steps and stop is None:
             gbatch = sharding.global_batch(next(batches)[0], mesh)

@@ -24,24 +24,46 @@ class Interrupted(RuntimeError):
 
 
 class Signals:
-    """SIGINT/SIGTERM. During start-up: stop at once with one line (nothing to save yet). During training: set a
-    flag; the loop finishes its step, saves and exits 0. Further signals while that save runs are reported and
-    ignored, so the stop checkpoint is never lost to an impatient second Ctrl-C (SIGKILL still stops at once;
-    the previous checkpoint then stays the one to resume from)."""
+    """SIGINT/SIGTERM. During start-up: recorded, and the run stops with one line at the end of the start-up phase
+    it is in (`check`; nothing to save yet). During training: the loop finishes its step, saves and exits 0.
+    Further signals while that save runs are reported and ignored, so the stop checkpoint is never lost to an
+    impatient second Ctrl-C (SIGKILL still stops at once; the previous checkpoint then stays the one to resume
+    from). The handler never raises: an exception thrown while XLA's C++ code is on the stack (compiling, a
+    tokenizer's native loop) aborts the whole process."""
 
-    def __init__(self):
+    def __init__(self, pending: int | None = None):
+        """`pending`: a signal that arrived before this object existed (while the command was loading)."""
         self.signal = None
         self.training = False
+        self.startup_signal = pending  # a signal received during start-up (its number)
         self._old = {}
         try:
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread: leave signals alone
             pass
 
+    def check(self) -> None:
+        """Raises Interrupted if a stop signal came during start-up: called between the start-up phases."""
+        if self.startup_signal is not None and not self.training:
+            name = signal.Signals(self.startup_signal).name
+            raise Interrupted(f"stopped by {name} during start-up, before the first step; nothing was saved",
+                              self.startup_signal)
+
+    def begin_training(self) -> None:
+        """From here a signal finishes the current step and saves (a start-up signal not yet checked stops the run
+        after its first step)."""
+        self.check()
+        self.training = True
+        if self.startup_signal is not None and self.signal is None:
+            self.signal = signal.Signals(self.startup_signal).name
+
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if not self.training:
-            raise Interrupted(f"stopped by {name} during start-up, before the first step; nothing was saved", signum)
+            if self.startup_signal is None:
+                print(f"\n{name}: stopping at the end of this start-up phase", file=sys.stderr, flush=True)
+            self.startup_signal = signum
+            return
         if self.signal is None:
             self.signal = name
             print(f"\n{name}: finishing this step, then saving a checkpoint and stopping", file=sys.stderr)
