@@ -284,6 +284,17 @@ def check_token_ids(tokens, vocab_size: int) -> None:
         raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_positions(positions, max_seq_len: int) -> None:
+    """Refuses positions past the context (`positions`: an array, or a sequence length for 0 .. length - 1;
+    outside jit only): RoPE's tables end there, and what lies beyond would come out NaN."""
+    if isinstance(positions, jax.core.Tracer):
+        return
+    last = positions - 1 if isinstance(positions, int) else int(np.max(positions, initial=-1))
+    if last >= max_seq_len:
+        raise ValueError(f"position {last} is past the model's context of {max_seq_len} tokens (positions 0 .. "
+                         f"{max_seq_len - 1})")
+
+
 def check_params(params, config: ModelConfig) -> None:
     """Names the first leaf of `params` (training layout) missing, extra or shaped other than `config` implies: one
     line here instead of a reshape error deep inside jit."""
@@ -309,6 +320,7 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
     _check_tokens(tokens_BT, positions_BT, segment_ids_BT)
     check_params(params, config)
     check_token_ids(tokens_BT, config.vocab_size)
+    check_positions(tokens_BT.shape[1] if positions_BT is None else positions_BT, config.max_seq_len)
     B, T = tokens_BT.shape
     dtype = jnp.dtype(config.dtype)
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

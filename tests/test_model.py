@@ -344,3 +344,13 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token(small_config):
     params = lj.init_params(small_config, jax.random.key(0))
     out = lj.generate(params, small_config, [[1, 2, 3]], max_new_tokens=3, temperature=1.0, top_k=10**6, seed=1)
     assert len(out[0]) == 3
+
+
+def test_a_sequence_past_the_context_is_refused_not_nan(small_config):
+    params = lj.init_params(small_config, jax.random.key(0))
+    n = small_config.max_seq_len
+    assert np.isfinite(np.asarray(lj.forward(params, jnp.ones((1, n), jnp.int32), small_config))).all()
+    with pytest.raises(ValueError, match=f"position {n} is past the model's context of {n} tokens"):
+        lj.forward(params, jnp.ones((1, n + 1), jnp.int32), small_config)
+    with pytest.raises(ValueError, match=f"position {n + 5} is past"):
+        lj.forward(params, jnp.ones((1, 2), jnp.int32), small_config, jnp.array([[0, n + 5]]))
