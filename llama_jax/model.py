@@ -289,7 +289,7 @@ def check_positions(positions, max_seq_len: int) -> None:
     outside jit only): RoPE's tables end there, and what lies beyond would come out NaN."""
     if isinstance(positions, jax.core.Tracer):
         return
-    last = positions - 1 if isinstance(positions, int) else int(np.max(positions, initial=-1))
+    last = positions - 1 if isinstance(positions, int) else int(np.asarray(positions).max(initial=-1))
     if last >= max_seq_len:
         raise ValueError(f"position {last} is past the model's context of {max_seq_len} tokens (positions 0 .. "
                          f"{max_seq_len - 1})")

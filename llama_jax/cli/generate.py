@@ -126,17 +126,14 @@ def run(args) -> None:
     ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
     config, params, tok = ckpt.config, ckpt.params, ckpt.tokenizer
     config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
-    seed = args.seed
-    if seed is None:
-        seed = secrets.randbelow(1 << 31)
-        if args.temperature > 0:  # greedy decoding draws nothing
-            print(f"seed: {seed} (--seed {seed} draws this sample again)", file=sys.stderr)
+    seed = secrets.randbelow(1 << 31) if args.seed is None else args.seed
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=seed, repetition_penalty=args.repetition_penalty)
     if args.chat:
         if ckpt.chat_template is None:
             raise UsageError(f"--chat: {args.checkpoint} has no chat template (a base model); generate from a "
                              "prompt instead")
+        _say_seed(args, seed)
         return chat_loop(params, config, tok, sampling, args.system, template=ckpt.chat_template,
                          stops=ckpt.stop_tokens)
     if not texts:
@@ -149,6 +146,7 @@ def run(args) -> None:
         raise UsageError(f"the prompt ({longest} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
                          f"model's context of {config.max_seq_len} tokens")
     stops = ckpt.stop_tokens
+    _say_seed(args, seed)  # every check has passed: the run samples now
     if len(prompts) == 1:
         new = _stream_one(params, config, tok, prompts[0], texts[0], stops, sampling)
         if args.show_probs:
@@ -163,6 +161,12 @@ def run(args) -> None:
     n_new = sum(len(o) for o in outs)
     print(f"{len(prompts)} rows, {n_new} new tokens in {elapsed:.2f}s ({n_new / elapsed:.1f} tok/s, "
           "including compilation)", file=sys.stderr)
+
+
+def _say_seed(args, seed: int) -> None:
+    """A seed drawn for this run is printed, so that the sample can be drawn again (greedy decoding draws none)."""
+    if args.seed is None and args.temperature > 0:
+        print(f"seed: {seed} (--seed {seed} draws this sample again)", file=sys.stderr)
 
 
 def _stream_one(params, config, tok, prompt, prompt_text, stops, sampling) -> None:
