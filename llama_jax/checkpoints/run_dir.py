@@ -192,6 +192,27 @@ def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+# What a resumed run keeps from its config.yaml whatever the flags say: its data, its tokenizer and what its
+# batches are made of (the model's shape is checked against the checkpoint itself when it is restored).
+FIXED_ON_RESUME = {"data": None, "train": ("batch_size", "seq_len", "seed", "init_from")}  # None: every field
+
+
+def resumed_config(run_dir: Path, overrides) -> RunConfig:
+    """A resumed run's config: its config.yaml with the flags' overrides (a preset named again changes nothing by
+    itself). A flag may change how long the run goes and how it reports (steps, schedule, evaluation, saving,
+    logging); one that would change its data or tokenizer is refused, naming the key and both values."""
+    saved_file = Path(run_dir) / "config.yaml"
+    saved, config = load_run_config(saved_file), load_run_config(saved_file, overrides)
+    for section, names in FIXED_ON_RESUME.items():
+        before, now = getattr(saved, section), getattr(config, section)
+        for name in names or [f.name for f in dataclasses.fields(before)]:
+            if getattr(before, name) != getattr(now, name):
+                raise ConfigError(f"cannot resume {run_dir}: {section}.{name} would change (saved "
+                                  f"{getattr(before, name)!r}, now {getattr(now, name)!r}); a resumed run keeps its "
+                                  "data and tokenizer: leave the flag out, or start a new --run-dir")
+    return config
+
+
 def run_config_of(meta: dict) -> RunConfig:
     """The run's config as its checkpoint recorded it."""
     saved = meta["config"]

@@ -33,7 +33,7 @@ from llama_jax.eval import eval_sets, score_documents
 from llama_jax.files import NotWritable, make_dirs
 from llama_jax.text.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llama_jax.train import step as T
-from llama_jax.train.metrics import MetricsWriter, measure_peak_flops, plot_loss, truncate_after
+from llama_jax.train.metrics import MetricsWriter, Throughput, plot_loss, truncate_after
 from llama_jax.train.runtime import RunLock, Signals, on_process_zero, stop_requested
 
 
@@ -77,28 +77,12 @@ def run(config_path, overrides, run_dir=None, resume=False, signals: Signals | N
 # The steps, in the order run() takes them.
 
 
-# What a resumed run keeps from its config.yaml whatever the flags say: its data, its tokenizer and what its
-# batches are made of (the model's shape is checked against the checkpoint itself, in _check_compatible).
-FIXED_ON_RESUME = {"data": None, "train": ("batch_size", "seq_len", "seed", "init_from")}  # None: every field
-
-
 def load_config(config_path, overrides, run_dir: Path, resume: bool) -> RunConfig:
     """The run's config: the YAML file (a preset) with the flags' overrides; on resume, the run directory's own
-    config.yaml with the flags' overrides, a preset named again changing nothing by itself. A flag given on resume
-    may change how long the run goes and how it reports (steps, schedule, evaluation, saving, logging); one that
-    would change its data or tokenizer is refused, naming the key and both values."""
-    saved_file = run_dir / "config.yaml"
-    if not (resume and saved_file.is_file()):
-        return load_run_config(config_path, overrides)
-    saved, config = load_run_config(saved_file), load_run_config(saved_file, overrides)
-    for section, names in FIXED_ON_RESUME.items():
-        before, now = getattr(saved, section), getattr(config, section)
-        for name in names or [f.name for f in dataclasses.fields(before)]:
-            if getattr(before, name) != getattr(now, name):
-                raise ConfigError(f"cannot resume {run_dir}: {section}.{name} would change (saved "
-                                  f"{getattr(before, name)!r}, now {getattr(now, name)!r}); a resumed run keeps its "
-                                  "data and tokenizer: leave the flag out, or start a new --run-dir")
-    return config
+    config.yaml with them (checkpoint.resumed_config: what may change, and what is refused)."""
+    if resume and (run_dir / "config.yaml").is_file():
+        return checkpoint.resumed_config(run_dir, overrides)
+    return load_run_config(config_path, overrides)
 
 
 def check_run(config: RunConfig, run_dir: Path, resume: bool):
@@ -344,7 +328,7 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, start: Start, tok, splits
     mgr = checkpoint.manager(ckpt_dir, keep=tc.keep_checkpoints)
     bar = tqdm(total=tc.steps, initial=step, disable=not _is_main(), dynamic_ncols=True, unit="step")
     writer = MetricsWriter(run_dir, enabled=_is_main())
-    clock = _Throughput(config, step)
+    clock = Throughput(config, step)
     pending, last_saved, val_loss, stop, compile_s = None, step if step else -1, None, None, None
     batches = iter(loader)
     signals.begin_training()
@@ -437,40 +421,6 @@ def _compile(step_fn, state, gbatch, mc, mesh):
     print(f"compiled the train step in {compile_s:.1f}s ({model.param_count(mc) / 1e6:.2f}M parameters, mesh "
           f"{dict(mesh.shape)})", file=sys.stderr)
     return compiled, compile_s
-
-
-class _Throughput:
-    """Tokens per second and model FLOPs utilisation over the steps since the last mark; time spent validating or
-    saving is left out (restart)."""
-
-    def __init__(self, config: RunConfig, step: int):
-        tc = config.train
-        self.tc, self.step, self.t = tc, step, None
-        self.peak = tc.peak_flops or measure_peak_flops(config.model.dtype)
-        self.flops_per_token = model.flops_per_token(config.model, tc.seq_len)
-
-    def tick(self, step: int, metrics) -> dict | None:
-        """The rates at log_every steps (waiting for the step to finish), else None."""
-        tc = self.tc
-        if self.t is None:  # the first step compiled and warmed up: start timing after it
-            jax.block_until_ready(metrics)
-            self.restart(step)
-            return None
-        if step % tc.log_every and step != tc.steps:
-            return None
-        jax.block_until_ready(metrics)
-        rate = (step - self.step) * tc.batch_size * tc.seq_len / (time.perf_counter() - self.t)
-        achieved = rate * self.flops_per_token / jax.device_count()
-        # The start-up matmul (or a stated train.peak_flops) can fall short of what the machine does: on a shared CPU
-        # it is timed under whatever load there was. A rate the run reaches is a peak it has shown, so the peak is
-        # raised to it and MFU never reads above 100%.
-        self.peak = max(self.peak, achieved)
-        rates = {"tok_per_s": rate, "mfu": achieved / self.peak}
-        self.restart(step)
-        return rates
-
-    def restart(self, step: int) -> None:
-        self.step, self.t = step, time.perf_counter()
 
 
 def _is_main() -> bool:

@@ -1,12 +1,20 @@
 """Training metrics: metrics.jsonl (one JSON object per row), TensorBoard event files, the loss-curve PNG, and the
-peak FLOP/s that MFU is measured against."""
+throughput: tokens per second and MFU against a measured peak."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax import model
+from llama_jax.config import RunConfig
+from llama_jax.matmul import matmul
 
 
 class MetricsWriter:
@@ -89,13 +97,6 @@ def plot_loss(run_dir: str | Path) -> Path | None:
 def measure_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
     """FLOP/s of a large square matmul on the default device: the denominator of MFU on machines without a
     published peak (CPUs). Best of a few runs."""
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
-    from llama_jax.matmul import matmul
-
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: matmul(a, a, out_dtype=jnp.float32))  # the model's products (16-bit accumulate in f32)
     f(a).block_until_ready()
@@ -105,3 +106,38 @@ def measure_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+class Throughput:
+    """Tokens per second and model FLOPs utilisation over the steps since the last mark; time spent validating or
+    saving is left out (restart)."""
+
+    def __init__(self, config: RunConfig, step: int):
+        tc = config.train
+        self.tc, self.step, self.t = tc, step, None
+        self.peak = tc.peak_flops or measure_peak_flops(config.model.dtype)
+        self.flops_per_token = model.flops_per_token(config.model, tc.seq_len)
+
+    def tick(self, step: int, metrics) -> dict | None:
+        """The rates at log_every steps (waiting for the step to finish), else None."""
+        tc = self.tc
+        if self.t is None:  # the first step compiled and warmed up: start timing after it
+            jax.block_until_ready(metrics)
+            self.restart(step)
+            return None
+        if step % tc.log_every and step != tc.steps:
+            return None
+        jax.block_until_ready(metrics)
+        rate = (step - self.step) * tc.batch_size * tc.seq_len / (time.perf_counter() - self.t)
+        achieved = rate * self.flops_per_token / jax.device_count()
+        # The start-up matmul (or a stated train.peak_flops) can fall short of what the machine does: on a shared CPU
+        # it is timed under whatever load there was. A rate the run reaches is a peak it has shown, so the peak is
+        # raised to it and MFU never reads above 100%.
+        self.peak = max(self.peak, achieved)
+        rates = {"tok_per_s": rate, "mfu": achieved / self.peak}
+        self.restart(step)
+        return rates
+
+    def restart(self, step: int) -> None:
+        self.step, self.t = step, time.perf_counter()
+
