@@ -357,6 +357,26 @@ def test_mfu_never_reads_above_100_percent_and_a_warmup_longer_than_the_run_is_s
     assert lrs[0] == pytest.approx(3e-3 / 10) and lrs == sorted(lrs)  # the first step already learns
 
 
+def test_the_progress_bar_shows_each_step_with_its_own_loss(tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    from llama_jax.train import loop
+    from llama_jax.train.metrics import MetricsWriter
+
+    out = io.StringIO()
+    bar = tqdm(total=5, file=out, mininterval=0, miniters=1)  # every update drawn
+    tc = TrainConfig(steps=5, log_every=100)
+    writer = MetricsWriter(tmp_path, enabled=False)
+    for step in range(1, 5):
+        metrics = {"loss": 1.0 + step, "lr": step * 1e-3, "grad_norm": 1.0, "z_loss": 0.0}
+        loop._log(step, metrics, None, writer, bar, tc)
+    frames = [f for f in out.getvalue().replace("\r", "\n").splitlines() if "loss=" in f]
+    shown = {int(f.split("|")[2].split("/")[0]): f.split("loss=")[1].split(",")[0] for f in frames}
+    assert shown == {1: "2.000", 2: "3.000", 3: "4.000", 4: "5.000"}, frames
+
+
 def test_checkpoint_restores_onto_another_mesh(corpus, tmp_path):
     common = ["--train.eval_every=100", "--train.save_every=3"]
     assert train_cli.main(train_args(corpus, tmp_path / "ref", *common, "--train.steps=6")) == 0

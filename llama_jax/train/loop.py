@@ -433,11 +433,11 @@ def _log(step, metrics, rates, writer, bar, tc):
     if bad:
         raise TrainingDiverged(f"{bad[0]} is {m[bad[0]]} at step {step}; stopped without saving it, the last good "
                                "checkpoint is kept (try a lower --train.lr or --train.grad_clip)")
-    bar.update(step - bar.n)
     post = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.2e}"}
     if rates:
         post |= {"tok/s": f"{rates['tok_per_s']:.0f}", "MFU": f"{100 * rates['mfu']:.1f}%"}
-    bar.set_postfix(post, refresh=False)
+    bar.set_postfix(post, refresh=False)  # before the update, whose refresh draws it: the bar shows this step's
+    bar.update(step - bar.n)
     if step % tc.log_every == 0 or step == tc.steps or rates:
         writer.write(step, {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
                             "tokens_seen": step * tc.batch_size * tc.seq_len, **(rates or {}),
