@@ -149,7 +149,7 @@ def _params(config: ModelConfig, tensors: dict, path: Path, dtype) -> dict:
         offset, size, qtype, shape = tensors[name]
         if qtype.name not in _DEQUANTIZABLE:
             raise GGUFError(f"{path}: tensor {name} has type {qtype.name}, which cannot be dequantized "
-                            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K)")
+                            f"(supported: {', '.join(_DEQUANTIZABLE)})")
         expected = out.shape[::-1] if ours in _MATRICES else out.shape
         if shape != expected:
             raise GGUFError(f"{path}: tensor {name} has shape {shape}, expected {expected}")

@@ -31,11 +31,10 @@ class Signals:
     from). The handler never raises: an exception thrown while XLA's C++ code is on the stack (compiling, a
     tokenizer's native loop) aborts the whole process."""
 
-    def __init__(self, pending: int | None = None):
-        """`pending`: a signal that arrived before this object existed (while the command was loading)."""
+    def __init__(self):
         self.signal = None
         self.training = False
-        self.startup_signal = pending  # a signal received during start-up (its number)
+        self.startup_signal = None  # a signal received during start-up (its number)
         self._old = {}
         try:
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
