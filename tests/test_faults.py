@@ -319,6 +319,25 @@ def test_export_overwrite_removes_stale_shards(good, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == tok.model_bytes == (good / "tokenizer.model").read_bytes()
 
 
+def test_retention_moves_a_step_aside_before_deleting_it(corpus, tmp_path, monkeypatch, capsys):
+    """A kill in the middle of deleting an old step (keep_checkpoints) must not leave it half-deleted among the
+    steps: Orbax renames it into checkpoints/deleting/ first, and the next start clears what is left there."""
+    run = tmp_path / "run"
+    args = TINY + [f"--data.path={corpus}", "--run-dir", str(run), "--train.save_every=1",
+                   "--train.keep_checkpoints=2"]
+    monkeypatch.setattr(checkpoint, "empty_trash", lambda d: None)  # as if killed before each delete finished
+    assert train_cli.main(args + ["--train.steps=4"]) == 0
+    trash = run / "checkpoints" / checkpoint.TRASH
+    assert sorted(int(p.name) for p in trash.iterdir()) == [1, 2]
+    assert checkpoint.step_dirs(run / "checkpoints") == [3, 4]
+    _half_deleted(trash / "2")  # what a kill in the middle of removing it leaves
+    monkeypatch.undo()
+    assert generate_cli.main(["--checkpoint", str(run), "--step", "2"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "no checkpoint for step 2 (steps: 3, 4)")
+    assert train_cli.main(args + ["--train.steps=6", "--resume"]) == 0
+    assert checkpoint.step_dirs(run / "checkpoints") == [5, 6] and not list(trash.iterdir())
+
+
 # --- several processes -------------------------------------------------------------------------------------------
 
 
@@ -389,3 +408,94 @@ def _modules_loaded(pid: int) -> str:
     """The shared libraries mapped into a process (JAX's XLA extension appears once `import jax` has begun)."""
     return "jax" if "xla_extension" in open(f"/proc/{pid}/maps").read() or "jaxlib" in open(
         f"/proc/{pid}/maps").read() else ""
+
+
+def _two_processes(corpus, run, *args, env=None):
+    port = _free_port()
+    env = env or {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--data.path={corpus}", "--run-dir",
+                              str(run), *args, "--mesh", "data=2", "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "60"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM)])
+def test_two_processes_signalled_apart_save_the_same_step_and_exit_0(corpus, tmp_path, first, second):
+    """What a cluster does on preemption: a signal to one process, then 1.5 s later to the other. Both save one
+    stop checkpoint at the same step and exit 0 (jax.distributed.initialize takes SIGTERM for JAX's preemption
+    notifier, so SIGTERM goes through JAX's preemption sync point; SIGINT through our own agreement)."""
+    run = tmp_path / "run"
+    procs = _two_processes(corpus, run, "--train.steps=100000", "--train.save_every=100000")
+    _wait_for_rows(run, 3, procs[0])
+    procs[0].send_signal(first)
+    time.sleep(1.5)
+    procs[1].send_signal(second)
+    results = []
+    for p in procs:
+        try:
+            results.append(p.communicate(timeout=120))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a process was still running 120 s after the signals")
+    stops = []
+    for p, (_out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        stops += [line for line in err.replace("\r", "\n").splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 2, stops
+    steps = {int(s.split("after step ")[1].split(";")[0]) for s in stops}
+    assert len(steps) == 1, stops
+    assert checkpoint.step_dirs(run / "checkpoints") == [steps.pop()]
+
+
+def _tool_proc(*args):
+    return subprocess.Popen([sys.executable, *args], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _read_until(proc, stream, marker: str, timeout: float = 120) -> str:
+    import selectors
+
+    seen, sel, deadline = "", selectors.DefaultSelector(), time.monotonic() + timeout
+    sel.register(stream, selectors.EVENT_READ)
+    while marker not in seen and time.monotonic() < deadline and proc.poll() is None:
+        if sel.select(timeout=0.5):
+            seen += os.read(stream.fileno(), 4096).decode(errors="replace")
+    return seen
+
+
+@pytest.mark.parametrize("tool, signum", [("generate", signal.SIGTERM), ("chat", signal.SIGTERM),
+                                          ("eval", signal.SIGINT), ("eval", signal.SIGTERM)])
+def test_a_stop_signal_ends_the_other_tools_with_one_line_and_128_plus_n(good, corpus, tmp_path, tool, signum):
+    """generate.py, its chat and the evaluator have nothing to save: SIGINT or SIGTERM at any moment after JAX has
+    loaded ends them at once with "stopped by SIGNAL" and 128 + N (SIGTERM used to kill them without a word)."""
+    name = signal.Signals(signum).name
+    if tool == "eval":  # a long scoring loop
+        big = tmp_path / "big.txt"
+        big.write_text((Path(corpus) / "doc0.txt").read_text() * 4000)
+        proc = _tool_proc("-m", "llama_jax.eval", "perplexity", "--checkpoint", str(good), "--data", str(big),
+                          "--window", "16", "--stride", "1", "--batch-tokens", "64")
+        marker = None
+    else:
+        extra = ["--chat"] if tool == "chat" else ["--prompt", "the king", "--seed", "1"]
+        proc = _tool_proc("generate.py", "--checkpoint", str(good), "--max-new-tokens", "30", *extra)
+        marker = "chat: type a message" if tool == "chat" else None
+    if marker is None:  # once JAX is loaded, while the checkpoint loads and the program compiles
+        deadline = time.monotonic() + 60
+        while not _modules_loaded(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # generate: JAX still loading, or the checkpoint (the run is over in 4 s on an idle machine); eval: scoring
+        time.sleep(0.5 if tool == "generate" else 5.0)
+        seen = ""
+    else:
+        seen = _read_until(proc, proc.stderr, marker)
+        assert marker in seen, (seen[-2000:], proc.communicate())
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    err = seen + err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert proc.returncode == 128 + signum, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and lines[-1] in (f"stopped by {name}", f"stopped by {name} while starting; "
+                                                    "nothing was done"), err[-2000:]

@@ -86,16 +86,34 @@ def main(command: str, argv=None) -> int:
             print(f"stopped by {signal.Signals(loading.signum).name} while starting; nothing was done",
                   file=sys.stderr)
             return 128 + loading.signum
-    return module.main(argv)
+    from llama_jax.cli.common import stop_on_signals, stopped
+
+    stop = stop_on_signals()
+    try:
+        return module.main(argv)
+    except KeyboardInterrupt as e:  # a command that does not report a stop itself
+        return stopped(e)
+    finally:
+        stop.restore()
 
 
 def run(command: str) -> None:
     """Runs a command with the process's arguments and exits with its code (train.py, python -m llama_jax.hf, ...)."""
-    sys.exit(main(command))
+    sys.exit(_finished(main(command)))
+
+
+def _finished(code: int) -> int:
+    """The command has ended and its exit code is decided: a stop signal while the process tears down (JAX's
+    distributed shutdown, a late preemption notice to one of several processes) changes nothing and no longer
+    kills it with a different code."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+    return code
 
 
 def _script(command: str):
-    return lambda: main(command)
+    return lambda: _finished(main(command))
 
 
 # Not named like the modules: importing llama_jax.cli.train binds that name on this package.

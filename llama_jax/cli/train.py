@@ -11,7 +11,7 @@ from llama_jax.cli.common import add_config_flags, overrides_from_args
 from llama_jax.config import SECTIONS
 from llama_jax.errors import UserError
 from llama_jax.train.loop import run
-from llama_jax.train.runtime import Interrupted, Signals, start_distributed
+from llama_jax.train.runtime import Interrupted, Signals, end_distributed, start_distributed
 
 
 def parse_args(argv=None):
@@ -63,6 +63,8 @@ def main(argv=None) -> int:
         if args.coordinator:
             start_distributed(args)
         run(args.config, overrides, args.run_dir, args.resume, signals)
+        if args.coordinator:
+            end_distributed(signals)
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed
         return e.code if isinstance(e.code, int) else cli.USER_ERROR
     except UserError as e:

@@ -69,6 +69,11 @@ class Signals:
         else:
             print(f"\n{name} again: still stopping; waiting for the checkpoint to be written", file=sys.stderr)
 
+    def take(self, signum: int) -> None:
+        """Handles signum again (after a library replaced the handler)."""
+        if signum in self._old:
+            signal.signal(signum, self._handle)
+
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -113,6 +118,22 @@ def start_distributed(args) -> None:
                           f"({first})") from None
 
 
+def end_distributed(signals: Signals) -> None:
+    """Stops JAX's preemption notifier, gives SIGTERM back to `signals` and leaves the processes' group together.
+    Shutting the notifier down resets SIGTERM to its default, so a preemption notice that reaches this process
+    after the others have stopped (the stop checkpoint written, waiting for them at the shutdown barrier) would
+    kill it without a word; JAX's own shutdown at exit does exactly that."""
+    from jax._src import distributed  # the notifier alone has no public switch
+
+    state = distributed.global_state
+    manager = getattr(state, "preemption_sync_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        state.preemption_sync_manager = None
+    signals.take(signal.SIGTERM)
+    jax.distributed.shutdown()
+
+
 def on_process_zero(fn):
     """Runs fn() on process 0 while the other processes wait; they then run it too (so each gets its own handles
     to what process 0 wrote). A failure on process 0 stops every process with one line."""
@@ -134,14 +155,22 @@ def on_process_zero(fn):
     return result if jax.process_index() == 0 else fn()
 
 
-def stop_requested(signals: Signals) -> str | None:
-    """The signal that stops the run, if any. With several processes they agree on it every step (a signal may
-    reach them at different times), so all of them save the same step and stop together."""
+def stop_requested(signals: Signals, step: int) -> str | None:
+    """The signal that stops the run after `step`, if any; called after every step. With several processes they
+    agree on it every step (a signal may reach them seconds apart), so all of them save the same step and stop
+    together. `jax.distributed.initialize` hands SIGTERM to JAX's preemption notifier (our handler never sees it
+    there): its sync point tells every process, at the same step, that one of them was told to stop."""
     if jax.process_count() == 1:
         return signals.signal
     from jax.experimental import multihost_utils
 
+    try:  # every process must call it at every step, or the agreed step never comes
+        preempted = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is turned off (jax_enable_preemption_service)
+        preempted = False
     mine = np.int32(0 if signals.signal is None else 1)
-    if not np.any(multihost_utils.process_allgather(mine)):
+    if not (np.any(multihost_utils.process_allgather(mine)) or preempted):
         return None
+    if preempted:
+        return signals.signal or "SIGTERM (a preemption notice to one of the processes)"
     return signals.signal or "a signal to another process"
