@@ -326,7 +326,37 @@ class TrainConfig:
             raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2}: each must be in [0, 1)")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # low-rank adapters of this rank on a frozen base (train.init_from); 0 trains every parameter
+    alpha: float = 16.0  # the adapters' update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    targets: str = "wq,wk,wv,wo,w_gate,w_up,w_down"  # comma-separated projections that get an adapter
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) (rsLoRA)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"rank={self.rank} must be >= 0 (0 turns LoRA off)")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha} must be > 0")
+        names = self.target_names
+        unknown = [t for t in names if t not in LORA_TARGETS]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(f"targets={self.targets!r}: expected distinct names among "
+                              f"{', '.join(LORA_TARGETS)}" + (f" ({unknown[0]!r} is not one)" if unknown else ""))
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in str(self.targets).split(",") if t.strip())
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,18 +364,22 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}")
+        if self.lora.rank and not self.train.init_from:
+            raise ConfigError(f"lora.rank={self.lora.rank} adapts a trained model: give it with --init-from (a run, a "
+                              "Hugging Face directory or a GGUF file)")
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """A YAML file with model/data/train sections (each optional), then `section.key=value` overrides."""
+    """A YAML file with model/data/train/lora sections (each optional), then `section.key=value` overrides."""
     raw = load_yaml(path) if path else {}
     unknown = set(raw) - set(SECTIONS)
     if unknown:

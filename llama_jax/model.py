@@ -202,9 +202,13 @@ def _token_matmul(x, w, out_dtype=None, transpose_w=False):
 
 
 def _linear(x, w, out_in: bool):
-    """x [..., in] times a weight stored [in, out] (training layout) or [out, in] (decode layout).
+    """x [..., in] times a weight stored [in, out] (training layout) or [out, in] (decode layout); a weight given
+    as (w, a, b) adds a low-rank adapter's x @ a @ b (lora.py; training layout only).
     The decode layout computes (w @ x^T)^T: with the weight as the left operand XLA:CPU's few-row products ran
     faster (docs/benchmarks-log.md)."""
+    if isinstance(w, tuple):
+        w, a, b = w
+        return _token_matmul(x, w) + _token_matmul(_token_matmul(x, a), b)
     if not out_in:
         return _token_matmul(x, w)
     return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
@@ -313,10 +317,11 @@ def check_params(params, config: ModelConfig) -> None:
                          + (" (tie_embeddings=True has no lm_head)" if extra[0] == "['lm_head']" else ""))
 
 
-def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
+def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None, adapters=None):
     """Final-normed hidden states [B, T, D] in the compute dtype (what the LM head reads; the training loss
     uses this to avoid materialising all logits). Positions (below config.max_seq_len) default to 0..T-1; with
-    segment ids, tokens attend only within their segment (packed documents)."""
+    segment ids, tokens attend only within their segment (packed documents). adapters: low-rank adapters
+    {"wq": {"a": [L, in, r], "b": [L, r, out]}, ...} added to those projections, b already scaled (lora.scaled)."""
     _check_tokens(tokens_BT, positions_BT, segment_ids_BT)
     check_params(params, config)
     check_token_ids(tokens_BT, config.vocab_size)
@@ -331,17 +336,19 @@ def hidden_states(params, tokens_BT, config: ModelConfig, positions_BT=None, seg
     rope = _rope(config, positions_BT)
     x_BTD = params["embed"].astype(dtype)[tokens_BT]
 
-    def body(x_BTD, layer):
-        layer = jax.tree.map(lambda w: w.astype(dtype), layer)
+    def body(x_BTD, layer_and_adapter):
+        layer, adapter = jax.tree.map(lambda w: w.astype(dtype), layer_and_adapter)
+        layer = {**layer, **{t: (layer[t], ab["a"], ab["b"]) for t, ab in adapter.items()}}
         return _block(layer, x_BTD, positions_BT, mask_BTS, rope, config)[0], None
 
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
+    stacked = (params["layers"], adapters or {})
     if config.scan_layers:
-        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+        x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
     else:
-        for layer in _split_layers(params["layers"], config.n_layers):
-            x_BTD, _ = body(x_BTD, layer)
+        for layer_and_adapter in _split_layers(stacked, config.n_layers):
+            x_BTD, _ = body(x_BTD, layer_and_adapter)
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps)
 
 
@@ -353,9 +360,9 @@ def _split_layers(layers, n: int) -> list:
     return [treedef.unflatten([p[i][0] for p in parts]) for i in range(n)]
 
 
-def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None):
-    """tokens int32 [B, T] -> float32 logits [B, T, V]."""
-    h_BTD = hidden_states(params, tokens_BT, config, positions_BT, segment_ids_BT)
+def forward(params, tokens_BT, config: ModelConfig, positions_BT=None, segment_ids_BT=None, adapters=None):
+    """tokens int32 [B, T] -> float32 logits [B, T, V] (adapters: as hidden_states)."""
+    h_BTD = hidden_states(params, tokens_BT, config, positions_BT, segment_ids_BT, adapters)
     return logits(params, h_BTD, config)
 
 

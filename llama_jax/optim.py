@@ -45,10 +45,11 @@ def lr_schedule(train: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-    """True for the weight matrices AdamW decays: projections and the LM head (and the embedding if asked)."""
+    """True for the weight matrices AdamW decays: projections and the LM head (and the embedding if asked); for
+    LoRA adapters ({"wq": {"a", "b"}, ...}), those of the projections."""
     flat = traverse_util.flatten_dict(params)
     keep = DECAYED + (("embed",) if decay_embeddings else ())
-    return traverse_util.unflatten_dict({path: path[-1] in keep for path in flat})
+    return traverse_util.unflatten_dict({path: any(name in keep for name in path) for path in flat})
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:

@@ -225,8 +225,8 @@ def test_cli_decodes_a_bfloat16_checkpoint_in_float32_on_a_cpu(hf_dir, monkeypat
     path, _, _ = hf_dir
     real_load = generate_cli.load_checkpoint
 
-    def load_as_bfloat16(checkpoint, step, tokenizer):
-        ckpt = real_load(checkpoint, step, tokenizer)
+    def load_as_bfloat16(checkpoint, step, tokenizer, adapter=None):
+        ckpt = real_load(checkpoint, step, tokenizer, adapter=adapter)
         ckpt.config = ckpt.config.replace(dtype="bfloat16")
         return ckpt
 

@@ -47,3 +47,27 @@ def test_keep_freed_memory_stops_steps_from_faulting_their_temporaries_in():
 def test_keep_freed_memory_is_a_no_op_off_glibc(monkeypatch):
     monkeypatch.setattr(host_memory.sys, "platform", "darwin")
     assert host_memory.keep_freed_memory() is False
+
+
+RELEASE = """
+import sys
+import numpy as np
+from llama_jax.host_memory import keep_freed_memory, release_freed_memory
+assert keep_freed_memory()
+rss = lambda: int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+keep = np.ones(1 << 20)  # allocated after the big block: the freed block is a hole below it, not the heap's top
+big = np.ones(64 << 20)  # 512 MB, touched
+pin = np.ones(1 << 20)
+del big
+held = rss()
+release_freed_memory()
+print(held, rss())
+"""
+
+
+@pytest.mark.skipif(host_memory.glibc() is None, reason="malloc_trim is glibc's")
+def test_release_freed_memory_gives_back_what_keep_freed_memory_holds():
+    r = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    held, after = map(int, r.stdout.split())
+    assert held - after > 400 * 10**6, (held, after)  # the freed 512 MB block, even from the middle of the heap

@@ -54,7 +54,7 @@ def imports_of(path: Path, hand_overs: bool = True) -> set[str]:
 # the package) needs nothing of the jobs; text and data come next; serving never imports training, nor training
 # serving; only the command lines (cli/) see everything.
 CORE = {"errors", "files", "config", "matmul", "host_memory", "model", "sampling", "sharding", "decode", "score",
-        "optim"}
+        "optim", "lora"}
 ALLOWED = {"core": {"core"}, "text": {"core", "text"}, "data": {"core", "text", "data"},
            "checkpoints": {"core", "text", "data", "checkpoints"},
            "eval": {"core", "text", "data", "checkpoints", "eval"},

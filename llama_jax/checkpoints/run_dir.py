@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from llama_jax import optim
+from llama_jax import lora, optim
 from llama_jax.config import ConfigError, ModelConfig, RunConfig, build, dump_yaml, load_run_config
 from llama_jax.errors import UserError
 from llama_jax.files import make_dirs
@@ -35,16 +36,33 @@ class SaveError(RuntimeError, UserError):
     """An asynchronous save that failed (disk full, permissions); one line naming the directory and the error."""
 
 
+# Where the steps beyond keep_checkpoints go before they are deleted: Orbax renames a step into it in one step,
+# so a kill in the middle of deleting one never leaves a half-deleted step listed among the checkpoints.
+TRASH = "deleting"
+
+
 def manager(directory: str | Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, todelete_subdir=TRASH,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+
+
+def empty_trash(ckpt_dir: str | Path) -> None:
+    """Deletes the steps that retention moved aside (see TRASH), and what a kill left of earlier ones. Only the
+    run directory's writer calls it."""
+    if jax.process_index() != 0:
+        return
+    trash = Path(ckpt_dir) / TRASH
+    for old in (trash.iterdir() if trash.is_dir() else ()):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, where: str | Path | None = None) -> None:
     """Starts an (asynchronous) save; device buffers are copied before this returns, so `state` may be donated.
     `where` names the directory in messages as the user gave it."""
     try:
+        mgr.wait_until_finished()  # as mgr.save would; then nothing renames into the trash while it is emptied
+        empty_trash(mgr.directory)
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                  force=True)
     except Exception as e:  # the previous asynchronous save failed (Orbax raises it here), or this one did
@@ -71,6 +89,7 @@ def close(mgr: ocp.CheckpointManager) -> None:
         mgr.close()
     except Exception:
         pass
+    empty_trash(mgr.directory)
 
 
 def _short(error: Exception) -> str:
@@ -194,7 +213,7 @@ def abstract_like(state, shardings):
 
 # What a resumed run keeps from its config.yaml whatever the flags say: its data, its tokenizer and what its
 # batches are made of (the model's shape is checked against the checkpoint itself when it is restored).
-FIXED_ON_RESUME = {"data": None, "train": ("batch_size", "seq_len", "seed", "init_from")}  # None: every field
+FIXED_ON_RESUME = {"data": None, "train": ("batch_size", "seq_len", "seed", "init_from"), "lora": None}  # None: all
 
 
 def resumed_config(run_dir: Path, overrides) -> RunConfig:
@@ -218,12 +237,14 @@ def run_config_of(meta: dict) -> RunConfig:
     saved = meta["config"]
     base = load_run_config(None, [])
     return dataclasses.replace(base, model=build(ModelConfig, saved["model"], "model"),
-                               train=build(type(base.train), saved["train"], "train"))
+                               train=build(type(base.train), saved["train"], "train"),
+                               lora=build(type(base.lora), saved.get("lora", {}), "lora"))
 
 
 def load_run_params(run_dir, step: int | None = None):
     """(ModelConfig, params, meta) from a run directory's newest readable (or given) checkpoint, onto the default
-    device. Damaged newer steps are moved aside with a warning; none readable is a ResumeError."""
+    device. Damaged newer steps are moved aside with a warning; none readable is a ResumeError. A LoRA run's
+    params are its adapters (meta["lora_base"] records the base: load.load_checkpoint merges them)."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if not step_dirs(ckpt_dir):
@@ -232,7 +253,9 @@ def load_run_params(run_dir, step: int | None = None):
 
     def abstract(meta):
         config = run_config_of(meta)
-        shapes = jax.eval_shape(lambda: optim.init_state(config.model, config.train, jax.random.key(0)))
+        key = jax.random.key(0)
+        trained = (lambda: lora.init_adapters(config.model, config.lora, key)) if config.lora.rank else lambda: None
+        shapes = jax.eval_shape(lambda: optim.init_state(config.model, config.train, key, trained()))
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
     mgr = manager(ckpt_dir, async_save=False)

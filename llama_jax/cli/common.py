@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from llama_jax.config import SECTIONS, field_comments
 
 USER_ERROR = 2
 CHECKPOINT_HELP = "a training run directory, a Hugging Face Llama directory, a GGUF file or a llama2.c .bin file"
+ADAPTER_HELP = "a Hugging Face PEFT LoRA adapter directory to apply to --checkpoint (a LoRA run applies its own)"
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -69,6 +73,72 @@ def quiet_library_noise() -> None:
             hook(unraisable)
 
     sys.unraisablehook = quiet
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread as Ctrl-C is (see `stop_on_signals`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class stop_on_signals:
+    """While active, SIGINT and SIGTERM raise `Stopped` in the main thread, so that a tool with nothing to save
+    (generate, eval, export) ends at once through its `except KeyboardInterrupt` with one line and 128 + N
+    (`stopped`), and SIGTERM no longer kills it without a word. Python runs the handler between two of its own
+    instructions: a long XLA call (compiling, a jitted step) finishes first. Where Python drops the exception (the
+    handler ran inside a garbage-collection callback or a __del__: "Exception ignored in ..."), the signal is sent
+    again until a `Stopped` is caught (`stopped` or `stop_handled` says so). Training uses its own handler, which
+    never raises (train/runtime.py): it has a checkpoint to save."""
+
+    active = None  # the instance in force (signal handlers are per process)
+
+    def __init__(self):
+        self._old, self.signum, self.handled = {}, None, False
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._raise) for s in (signal.SIGINT, signal.SIGTERM)}
+            stop_on_signals.active = self
+            self._hook = sys.unraisablehook
+            sys.unraisablehook = self._dropped
+
+    def _dropped(self, unraisable):
+        if not isinstance(unraisable.exc_value, Stopped):  # a dropped Stopped is asked again, not reported
+            self._hook(unraisable)
+
+    def _raise(self, signum, frame):
+        self.signum, self.handled = signum, False
+        timer = threading.Timer(0.25, self._again)
+        timer.daemon = True
+        timer.start()
+        raise Stopped(signum)
+
+    def _again(self):
+        if not self.handled and self._old:
+            os.kill(os.getpid(), self.signum)
+
+    def restore(self) -> None:
+        if self._old:
+            sys.unraisablehook = self._hook
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+        if stop_on_signals.active is self:
+            stop_on_signals.active = None
+
+
+def stop_handled() -> None:
+    """A `Stopped` was caught and acted on (the tool ends, or a chat ends as Ctrl-C asks): no need to repeat it."""
+    if stop_on_signals.active is not None:
+        stop_on_signals.active.handled = True
+
+
+def stopped(error: KeyboardInterrupt, doing: str = "") -> int:
+    """Says which signal stopped the tool (Ctrl-C when the interpreter's own handler raised) and returns 128 + N."""
+    stop_handled()
+    signum = getattr(error, "signum", signal.SIGINT)
+    print(f"\nstopped by {signal.Signals(signum).name}{doing}", file=sys.stderr)
+    return 128 + signum
 
 
 def fail(message: str) -> int:

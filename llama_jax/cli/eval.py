@@ -4,9 +4,8 @@ measures themselves are llama_jax/eval.py's."""
 from __future__ import annotations
 
 import json
-import sys
 
-from llama_jax.cli.common import CHECKPOINT_HELP, ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli.common import ADAPTER_HELP, CHECKPOINT_HELP, ArgumentParser, fail, quiet_library_noise, stopped
 from llama_jax.errors import UserError
 
 
@@ -18,6 +17,7 @@ def main(argv=None) -> int:
     common.add_argument("--checkpoint", required=True,
                         help=CHECKPOINT_HELP)
     common.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
+    common.add_argument("--adapter", help=ADAPTER_HELP)
     common.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
     common.add_argument("--batch-tokens", type=int, default=8192, help="tokens scored per batch")
     common.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             if args.limit is not None and args.limit < 1:
                 raise EvalError(f"--limit={args.limit} must be >= 1")
             tasks = read_tasks(args.tasks)[:args.limit]
-        ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+        ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer, adapter=args.adapter)
         config = ckpt.config.replace(dtype=args.dtype or ckpt.config.dtype)
         if args.command == "perplexity":
             window = args.window or config.max_seq_len
@@ -78,7 +78,6 @@ def main(argv=None) -> int:
                 print(f"acc {out['acc']:.4f}   acc_norm {out['acc_norm']:.4f}")
     except UserError as e:
         return fail(str(e))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return stopped(e)
     return 0

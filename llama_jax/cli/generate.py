@@ -12,7 +12,16 @@ from pathlib import Path
 import jax
 
 from llama_jax.checkpoints.load import load_checkpoint
-from llama_jax.cli.common import CHECKPOINT_HELP, USER_ERROR, ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli import common as cli
+from llama_jax.cli.common import (
+    ADAPTER_HELP,
+    CHECKPOINT_HELP,
+    USER_ERROR,
+    ArgumentParser,
+    fail,
+    quiet_library_noise,
+    stopped,
+)
 from llama_jax.decode import generate, stream
 from llama_jax.errors import ArgumentError, UserError
 from llama_jax.sampling import check_sampling_args
@@ -31,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="the SentencePiece tokenizer.model to use (default: the checkpoint's own, or "
                                        "tokenizer.model beside it)")
     p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
+    p.add_argument("--adapter", help=ADAPTER_HELP)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", default=[], help="a file whose whole text is one prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -123,7 +133,7 @@ def _decode_dtype(checkpoint_dtype: str, requested: str | None) -> str:
 
 def run(args) -> None:
     texts = check_args(args)
-    ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+    ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer, adapter=args.adapter)
     config, params, tok = ckpt.config, ckpt.params, ckpt.tokenizer
     config = config.replace(dtype=_decode_dtype(config.dtype, args.dtype))
     seed = secrets.randbelow(1 << 31) if args.seed is None else args.seed
@@ -223,8 +233,8 @@ def chat_loop(params, config, tok, sampling, system=None, read=input, template=c
     while True:
         try:
             line = read("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
+        except (EOFError, KeyboardInterrupt) as e:
+            _quit_chat(e)
             return
         if not line.strip():
             continue
@@ -245,13 +255,21 @@ def chat_loop(params, config, tok, sampling, system=None, read=input, template=c
                     break
                 out.write(token)
                 reply.append(token)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             out.close()
-            print(file=sys.stderr)
+            _quit_chat(e)
             return
         out.close()
         print()
         history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def _quit_chat(e: BaseException) -> None:
+    """Ctrl-D and Ctrl-C end a chat as a finished one (exit 0); SIGTERM stops the tool (main says so)."""
+    if getattr(e, "signum", signal.SIGINT) != signal.SIGINT:
+        raise e
+    cli.stop_handled()
+    print(file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -263,9 +281,8 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else USER_ERROR
     except UserError as e:
         return fail(str(e))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:
+        return stopped(e)
     except BrokenPipeError:  # the reader (e.g. `| head`) went away: not an error
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -9,12 +9,13 @@ from pathlib import Path
 from llama_jax.checkpoints import run_dir
 from llama_jax.checkpoints.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from llama_jax.checkpoints.load import checkpoint_kind, load_checkpoint
+from llama_jax.checkpoints.peft import save_peft_adapter
 from llama_jax.cli.common import ArgumentParser, fail, quiet_library_noise
 from llama_jax.errors import UserError
 
 
 def main(argv=None) -> int:
-    """python -m llama_jax.hf export --checkpoint RUN_DIR --out HF_DIR [--overwrite]
+    """python -m llama_jax.hf export --checkpoint RUN_DIR --out HF_DIR [--overwrite] [--merge] [--adapter PEFT_DIR]
     python -m llama_jax.hf import --checkpoint HF_DIR --out RUN_DIR"""
     quiet_library_noise()
     p = ArgumentParser(prog="python -m llama_jax.hf", description="Convert to and from Hugging Face Llama.")
@@ -25,6 +26,11 @@ def main(argv=None) -> int:
     e.add_argument("--out", required=True, help="directory to write (new or empty, unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     e.add_argument("--max-shard-gb", type=float, default=2.0)
+    e.add_argument("--merge", action="store_true",
+                   help="a LoRA run (or --adapter): write the full model with the adapters merged, instead of a "
+                        "PEFT adapter directory")
+    e.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply to --checkpoint (any kind, a Hugging "
+                                     "Face directory included); exported as a PEFT adapter again unless --merge")
     i = sub.add_parser("import", help="a Hugging Face Llama directory -> a run directory (Orbax checkpoint)")
     i.add_argument("--checkpoint", required=True,
                    help="a Hugging Face Llama directory, a GGUF file or a llama2.c .bin file")
@@ -45,18 +51,25 @@ def main(argv=None) -> int:
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
             raise CheckpointError(f"--out {out}: inside the --checkpoint directory {src}; choose a directory outside")
         if args.command == "export":
-            if kind == "hf":
+            if kind == "hf" and not args.adapter:
                 raise CheckpointError(f"--checkpoint {src}: export reads a training run directory or a GGUF file; "
                                       "this one is a Hugging Face directory already")
             if not args.max_shard_gb > 0:
                 raise CheckpointError(f"--max-shard-gb={args.max_shard_gb} must be > 0")
             _check_export_target(out, args.overwrite)
-            ckpt = load_checkpoint(src, args.step)
+            ckpt = load_checkpoint(src, args.step, adapter=args.adapter)
+            if args.merge and ckpt.adapter is None:
+                raise CheckpointError(f"--merge: {src} has no adapters to merge (a LoRA run directory, or --adapter)")
             if args.overwrite:
                 _remove_export(out)
-            out = save_hf_checkpoint(out, ckpt.config, ckpt.params, ckpt.tokenizer,
-                                     int(args.max_shard_gb * (1 << 30)), chat_template=ckpt.chat_template,
-                                     stop_tokens=ckpt.stop_tokens)
+            if ckpt.adapter is not None and not args.merge:
+                out = save_peft_adapter(out, ckpt.adapter.adapters, ckpt.adapter.lora, ckpt.adapter.base)
+                print(f"a PEFT adapter (rank {ckpt.adapter.lora.rank}) of {ckpt.adapter.base}; --merge writes the "
+                      "full model instead", file=sys.stderr)
+            else:
+                out = save_hf_checkpoint(out, ckpt.config, ckpt.params, ckpt.tokenizer,
+                                         int(args.max_shard_gb * (1 << 30)), chat_template=ckpt.chat_template,
+                                         stop_tokens=ckpt.stop_tokens)
         else:
             if kind == "run":
                 raise CheckpointError(f"--checkpoint {src}: import reads a Hugging Face directory (config.json, "
@@ -88,7 +101,7 @@ def main(argv=None) -> int:
 
 _EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "model.safetensors",
-                 "model.safetensors.index.json")
+                 "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors")
 
 
 def _is_export_file(p: Path) -> bool:

@@ -8,7 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
-from llama_jax.cli.common import CHECKPOINT_HELP, ArgumentParser, fail, quiet_library_noise
+from llama_jax.cli import common as cli
+from llama_jax.cli.common import ADAPTER_HELP, CHECKPOINT_HELP, ArgumentParser, fail, quiet_library_noise, stopped
 from llama_jax.errors import UserError
 
 
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
                    help=CHECKPOINT_HELP)
     p.add_argument("--tokenizer", help="a tokenizer to use instead of the checkpoint's own")
     p.add_argument("--step", type=int, help="which checkpoint step of a run directory (default: the newest)")
+    p.add_argument("--adapter", help=ADAPTER_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
 
     log = lambda line: print(line, file=sys.stderr, flush=True)
     try:
-        ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+        ckpt = load_checkpoint(args.checkpoint, args.step, args.tokenizer, adapter=args.adapter)
         dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else ckpt.config.dtype)
         if args.max_len is not None and args.max_len > ckpt.config.max_seq_len:
             raise ConfigError(f"--max-len={args.max_len} exceeds the model's context of {ckpt.config.max_seq_len}")
@@ -66,9 +68,8 @@ def main(argv=None) -> int:
         engine.start()
     except UserError as e:
         return fail(str(e))
-    except KeyboardInterrupt:
-        log("interrupted while starting")
-        return 130
+    except KeyboardInterrupt as e:
+        return stopped(e, " while starting")
     name = args.model_name or Path(args.checkpoint).resolve().name.removesuffix(".bin")
     server = Server(engine, name, ckpt.chat_template)
     config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning",
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.Server(config).run()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # uvicorn handing our handler back the Ctrl-C it stopped on: the stop asked for
+        cli.stop_handled()
     engine.stop(drain=False, timeout=10)
     log("stopped")
     return 0

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from llama_jax import files, model, optim, sharding
+from llama_jax import files, lora, model, optim, sharding
 from llama_jax.checkpoints import run_dir as checkpoint
 from llama_jax.config import ConfigError, RunConfig, dump_yaml, load_run_config
 from llama_jax.data import corpus as data
@@ -31,6 +31,7 @@ from llama_jax.data.token_files import open_split
 from llama_jax.errors import UserError
 from llama_jax.eval import eval_sets, score_documents
 from llama_jax.files import NotWritable, make_dirs
+from llama_jax.host_memory import release_freed_memory
 from llama_jax.text.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llama_jax.train import step as T
 from llama_jax.train.metrics import MetricsWriter, Throughput, plot_loss, truncate_after
@@ -130,6 +131,7 @@ def prepare_run_dir(run_dir: Path) -> RunLock | None:
     # Only the lock's holder writes here, so none of them is a save in progress.
     for leftover in (run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    checkpoint.empty_trash(run_dir / "checkpoints")  # steps a kill left half-deleted, never listed as steps
     return lock
 
 
@@ -137,7 +139,8 @@ def prepare_run_dir(run_dir: Path) -> RunLock | None:
 class Start:
     """Where a run starts: its config (train.init_from's model config replaces ours), the train state on the mesh
     and its shardings, the step and the loader's position; and, when resuming, the restored checkpoint's metadata,
-    or when starting from train.init_from, that checkpoint's tokenizer."""
+    or when starting from train.init_from, that checkpoint's tokenizer. A LoRA run (lora.rank > 0) trains adapters
+    on the frozen `base` (init_from's parameters, in the compute dtype); `base_record` names it in checkpoints."""
     config: RunConfig
     state: optim.TrainState
     state_shard: Any
@@ -145,23 +148,35 @@ class Start:
     loader: data.LoaderState
     meta: dict | None = None
     tokenizer: Tokenizer | None = None
+    base: Any = None
+    base_record: dict | None = None
 
 
 def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start:
     """Resuming restores the newest usable checkpoint onto the mesh; otherwise parameters are initialised or taken
-    from train.init_from (whose model config then replaces ours, execution switches aside)."""
-    init_tok, init_params = None, None
-    if config.train.init_from and not resume:
+    from train.init_from (whose model config then replaces ours, execution switches aside). A LoRA run loads its
+    base from train.init_from either way, and refuses a base other than the one its checkpoints record."""
+    init_tok, init_params, base, base_record = None, None, None, None
+    adapted = config.lora.rank > 0
+    if config.train.init_from and (adapted or not resume):
         init_tok, model_config, init_params = _init_weights(config)
         config = dataclasses.replace(config, model=model_config)
-    mc, tc = config.model, config.train
-    abstract = jax.eval_shape(lambda: optim.init_state(mc, tc, jax.random.key(tc.seed)))
-    state_shard = sharding.state_shardings(abstract, sharding.param_specs(abstract.params, mesh), mesh)
+    mc, tc, lc = config.model, config.train, config.lora
+    if adapted:
+        base_record = {"path": str(Path(tc.init_from).resolve()), "fingerprint": lora.fingerprint(init_params)}
+        base_shard = sharding.state_shardings(init_params, sharding.param_specs(init_params, mesh), mesh)
+        base = jax.device_put(jax.tree.map(lambda w: w.astype(mc.dtype), init_params), base_shard)
+        init_params = None
+    trainable = lambda key, p: optim.init_state(mc, tc, key, lora.init_adapters(mc, lc, jax.random.fold_in(key, 2))
+                                                if adapted else p)
+    abstract = jax.eval_shape(lambda: trainable(jax.random.key(tc.seed), init_params))
+    specs = {} if adapted else sharding.param_specs(abstract.params, mesh)  # adapters are small: replicated
+    state_shard = sharding.state_shardings(abstract, specs, mesh)
     if resume:
         ckpt_dir = run_dir / "checkpoints"
         mgr = checkpoint.manager(ckpt_dir, async_save=False)
         try:
-            check = lambda meta: _check_compatible(meta, config, run_dir)
+            check = lambda meta: _check_compatible(meta, config, run_dir, base_record)
             got = checkpoint.restore(mgr, checkpoint.abstract_like(abstract, state_shard), check=check,
                                      where=ckpt_dir)
         finally:
@@ -170,10 +185,12 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start
             raise checkpoint.ResumeError(f"--resume: no usable checkpoint left in {ckpt_dir} (the damaged ones were "
                                          "moved aside as STEP.bad)")
         step, state, meta = got
-        return Start(config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta)
-    init = jax.jit(lambda key, p: optim.init_state(mc, tc, key, p), out_shardings=state_shard)
+        return Start(config, state, state_shard, step, data.LoaderState.from_dict(meta["loader"]), meta,
+                     base=base, base_record=base_record)
+    init = jax.jit(trainable, out_shardings=state_shard)
     state = init(jax.random.key(tc.seed), init_params)
-    return Start(config, state, state_shard, 0, data.LoaderState(seed=tc.seed), tokenizer=init_tok)
+    return Start(config, state, state_shard, 0, data.LoaderState(seed=tc.seed), tokenizer=init_tok, base=base,
+                 base_record=base_record)
 
 
 def _init_weights(config: RunConfig):
@@ -187,19 +204,25 @@ def _init_weights(config: RunConfig):
     return ckpt.tokenizer, ckpt.config.replace(**keep), ckpt.params
 
 
-def _check_compatible(saved_meta: dict, current: RunConfig, where: Path):
+def _check_compatible(saved_meta: dict, current: RunConfig, where: Path, base_record: dict | None = None):
     """Refuses, before any array is read, a resume whose model config or optimizer state layout differs from the
-    checkpoint's (so such a checkpoint is never mistaken for a damaged one)."""
+    checkpoint's (so such a checkpoint is never mistaken for a damaged one), or a LoRA run's other base."""
     saved_config = checkpoint.run_config_of(saved_meta)
+    saved_base = saved_meta.get("lora_base")
+    if base_record is not None and saved_base and saved_base["fingerprint"] != base_record["fingerprint"]:
+        raise checkpoint.ResumeError(f"cannot resume {where}: train.init_from={current.train.init_from} is not the "
+                                     f"base its adapters were trained on ({saved_base['path']}, fingerprint "
+                                     f"{saved_base['fingerprint']}; this one has {base_record['fingerprint']})")
     saved, now = dataclasses.asdict(saved_config.model), dataclasses.asdict(current.model)
     keep = ("dtype", "attention_impl", "remat", "scan_layers")  # execution switches may change between runs
     diff = [f"{k} (saved {saved[k]!r}, now {now[k]!r})" for k in now if k not in keep and saved[k] != now[k]]
     if diff:
         raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")
     saved_train = saved_config.train
+    trainable = (lambda: lora.init_adapters(current.model, current.lora, jax.random.key(0))) if current.lora.rank \
+        else (lambda: model.init_params(current.model, jax.random.key(0)))
     layout = lambda tc: jax.tree.structure(jax.eval_shape(
-        lambda: optim.make_optimizer(tc).init(jax.eval_shape(lambda: model.init_params(current.model,
-                                                                                   jax.random.key(0))))))
+        lambda: optim.make_optimizer(tc).init(jax.eval_shape(trainable))))
     if layout(saved_train) != layout(current.train):
         changed = [f"train.{k} (saved {getattr(saved_train, k)!r}, now {v!r})"
                    for k, v in dataclasses.asdict(current.train).items() if getattr(saved_train, k) != v]
@@ -318,7 +341,9 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, start: Start, tok, splits
     ckpt_dir = run_dir / "checkpoints"
     loader = data.Loader(train_split, tc.seq_len, tc.batch_size // jax.process_count(), start.loader,
                          config.data.document_masking, jax.process_index(), jax.process_count())
-    step_fn, eval_fn = T.jit_steps(mc, tc, start.state_shard, sharding.batch_sharding(mesh))
+    base = () if start.base is None else (start.base,)  # a LoRA run's frozen base: the steps' third argument
+    step_fn, eval_fn = T.jit_steps(mc, tc, start.state_shard, sharding.batch_sharding(mesh), config.lora,
+                                   jax.tree.map(lambda x: x.sharding, start.base))
     if val_split.n_tokens < 2:
         print("warning: the validation split is empty (too few documents for data.val_fraction="
               f"{config.data.val_fraction}); training without validation", file=sys.stderr)
@@ -331,22 +356,24 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, start: Start, tok, splits
     clock = Throughput(config, step)
     pending, last_saved, val_loss, stop, compile_s = None, step if step else -1, None, None, None
     batches = iter(loader)
+    release_freed_memory()  # what start-up freed (a checkpoint read, the data prepared) is not kept for the steps
     signals.begin_training()
     try:
         while step < tc.steps and stop is None:
             gbatch = sharding.global_batch(next(batches)[0], mesh)
             if compile_s is None:
-                step_fn, compile_s = _compile(step_fn, state, gbatch, mc, mesh)
-            state, metrics = step_fn(state, gbatch)
+                step_fn, compile_s = _compile(step_fn, (state, gbatch, *base), config, mesh)
+            state, metrics = step_fn(state, gbatch, *base)
             step += 1
             if pending is not None:  # fetched one step late so the device never waits for the host
                 _log(*pending, writer, bar, tc)
             pending = (step, metrics, clock.tick(step, metrics))
-            stop = stop_requested(signals)
+            stop = stop_requested(signals, step)
             if step % tc.eval_every == 0 or step == tc.steps:
                 _log(*pending, writer, bar, tc)
                 pending = None
-                val_loss = validate(config, state.params, eval_fn, val_split, evals, mesh, step, writer, bar)
+                val_loss = validate(config, state.params, eval_fn, val_split, evals, mesh, step, writer, bar, base)
+                release_freed_memory()  # the validation's buffers, before the steps go on
                 clock.restart(step)  # evaluation time is not training throughput
             if step % tc.save_every == 0 or step == tc.steps or stop is not None:
                 if pending is not None:
@@ -354,6 +381,8 @@ def train_loop(config: RunConfig, run_dir: Path, mesh, start: Start, tok, splits
                     pending = None
                 meta = {"step": step, "loader": loader.state.to_dict(), "config": config.to_dict(),
                         **checkpoint.tokenizer_meta(tok)}  # the tokenizer's files travel with the weights
+                if start.base_record is not None:
+                    meta["lora_base"] = start.base_record
                 checkpoint.save(mgr, step, state, meta, where=ckpt_dir)
                 last_saved = step
                 clock.restart(step)
@@ -391,22 +420,25 @@ def finish(run_dir: Path, result: dict) -> dict:
 
 
 def validate(config: RunConfig, params, eval_fn, val_split, evals: dict | None, mesh, step: int, writer,
-             bar) -> float | None:
+             bar, base=()) -> float | None:
     """The validation loss over train.eval_batches batches (None when the split is empty), and the
-    train.eval_paths sets scored in windows of train.seq_len; both written to the metrics. Returns the loss."""
+    train.eval_paths sets scored in windows of train.seq_len; both written to the metrics. Returns the loss.
+    base: a LoRA run's (frozen base,), params then being its adapters."""
     tc = config.train
     total = count = 0.0
     for b in data.eval_batches(val_split, tc.seq_len, tc.batch_size, tc.eval_batches,
                                config.data.document_masking):
         if jax.process_count() > 1:  # each process feeds its slice of the same global batch
             b = {k: np.array_split(v, jax.process_count())[jax.process_index()] for k, v in b.items()}
-        ce, n = eval_fn(params, sharding.global_batch(b, mesh))
+        ce, n = eval_fn(params, sharding.global_batch(b, mesh), *base)
         total, count = total + float(ce), count + float(n)
     val_loss = total / count if count else None
     if val_loss is not None:
         ppl = np.exp(min(val_loss, 50))
         writer.write(step, {"val_loss": val_loss, "val_ppl": ppl, "tokens_seen": step * tc.batch_size * tc.seq_len})
         bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl:.2f})")
+    if evals and base:
+        params = lora.merge_adapters(base[0], params, config.lora)
     for name, (docs, n_bytes) in (evals or {}).items():
         r = score_documents(params, config.model, docs, n_bytes, name, window=tc.seq_len, stride=tc.seq_len // 2)
         writer.write(step, {f"eval_{name}_loss": r["nll"], f"eval_{name}_bpb": r["bits_per_byte"]})
@@ -414,12 +446,14 @@ def validate(config: RunConfig, params, eval_fn, val_split, evals: dict | None, 
     return val_loss
 
 
-def _compile(step_fn, state, gbatch, mc, mesh):
+def _compile(step_fn, args, config: RunConfig, mesh):
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, gbatch).compile()
+    compiled = step_fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    print(f"compiled the train step in {compile_s:.1f}s ({model.param_count(mc) / 1e6:.2f}M parameters, mesh "
-          f"{dict(mesh.shape)})", file=sys.stderr)
+    trained = "" if not config.lora.rank else \
+        f", LoRA rank {config.lora.rank}: {sum(x.size for x in jax.tree.leaves(args[0].params)) / 1e6:.2f}M trained"
+    print(f"compiled the train step in {compile_s:.1f}s ({model.param_count(config.model) / 1e6:.2f}M parameters"
+          f"{trained}, mesh {dict(mesh.shape)})", file=sys.stderr)
     return compiled, compile_s
 
 

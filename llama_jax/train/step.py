@@ -7,14 +7,13 @@ at the jit boundary only. The optimizer and the train state are optim.py's; the 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
 
+from llama_jax import lora as lora_adapters
 from llama_jax import model
-from llama_jax.config import ModelConfig, TrainConfig
+from llama_jax.config import LoraConfig, ModelConfig, TrainConfig
 from llama_jax.optim import TrainState, lr_schedule, make_optimizer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,10 +46,14 @@ def cross_entropy(h_BTD, w, targets_BT, mask_BT, chunk: int, transposed: bool = 
     return ce_J.sum(), z_J.sum()
 
 
-def loss_sums(params, batch, config: ModelConfig, train: TrainConfig):
+def loss_sums(params, batch, config: ModelConfig, train: TrainConfig, base=None, lora: LoraConfig | None = None):
     """(objective summed over tokens, (ce sum, z sum, token count)) for one (micro-)batch. A batch without
-    "segment_ids" is plain causal (one document per row), which fused attention kernels handle fastest."""
-    h = model.hidden_states(params, batch["tokens"], config, batch["positions"], batch.get("segment_ids"))
+    "segment_ids" is plain causal (one document per row), which fused attention kernels handle fastest. With
+    `base`, `params` are low-rank adapters (lora.py) on those frozen parameters: only they are differentiated."""
+    adapters = None
+    if base is not None:
+        params, adapters = base, lora_adapters.scaled(params, lora)
+    h = model.hidden_states(params, batch["tokens"], config, batch["positions"], batch.get("segment_ids"), adapters)
     w, transposed = model.head_matrix(params)
     ce, z = cross_entropy(h, w.astype(h.dtype), batch["targets"], batch["loss_mask"], train.loss_chunk, transposed)
     return ce + train.z_loss * z, (ce, z, jnp.sum(batch["loss_mask"]))
@@ -60,27 +63,31 @@ def loss_sums(params, batch, config: ModelConfig, train: TrainConfig):
 # Steps.
 
 
-def accumulate_gradients(params, batch, config: ModelConfig, train: TrainConfig):
+def accumulate_gradients(params, batch, config: ModelConfig, train: TrainConfig, base=None,
+                         lora: LoraConfig | None = None):
     """(gradients of the summed objective, (ce sum, z sum, token count)) over `batch` (arrays [B, T]) split into
-    train.grad_accum micro-batches: the same sums as one big batch, up to the order of the additions."""
+    train.grad_accum micro-batches: the same sums as one big batch, up to the order of the additions. With `base`:
+    the adapters' gradients (see loss_sums)."""
     grad_fn = jax.grad(loss_sums, has_aux=True)
     k = train.grad_accum
     if k == 1:
-        return grad_fn(params, batch, config, train)
+        return grad_fn(params, batch, config, train, base, lora)
     micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
     def body(carry, mb):
-        g, sums = grad_fn(params, mb, config, train)
+        g, sums = grad_fn(params, mb, config, train, base, lora)
         return jax.tree.map(jnp.add, carry, (g, sums)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, params), (0.0, 0.0, 0.0))
     return jax.lax.scan(body, zeros, micro)[0]
 
 
-def train_step(state: TrainState, batch, config: ModelConfig, train: TrainConfig):
+def train_step(state: TrainState, batch, config: ModelConfig, train: TrainConfig, base=None,
+               lora: LoraConfig | None = None):
     """One optimizer step over `batch` (arrays [B, T]) split into train.grad_accum micro-batches. The loss is the
-    mean over all unmasked tokens of the whole batch, so k micro-batches equal one big batch."""
-    grads, (ce, z, count) = accumulate_gradients(state.params, batch, config, train)
+    mean over all unmasked tokens of the whole batch, so k micro-batches equal one big batch. With `base`,
+    state.params are LoRA adapters on it (the base is read, never updated)."""
+    grads, (ce, z, count) = accumulate_gradients(state.params, batch, config, train, base, lora)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
@@ -90,18 +97,24 @@ def train_step(state: TrainState, batch, config: ModelConfig, train: TrainConfig
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, config: ModelConfig, train: TrainConfig):
-    _, (ce, _, count) = loss_sums(params, batch, config, train)
+def eval_step(params, batch, config: ModelConfig, train: TrainConfig, base=None, lora: LoraConfig | None = None):
+    _, (ce, _, count) = loss_sums(params, batch, config, train, base, lora)
     return ce, count
 
 
-def jit_steps(config: ModelConfig, train: TrainConfig, state_shardings=None, batch_sharding=None):
-    """(train_step, eval_step) jitted with shardings at the boundary and the train state donated."""
+def jit_steps(config: ModelConfig, train: TrainConfig, state_shardings=None, batch_sharding=None,
+              lora: LoraConfig | None = None, base_shardings=None):
+    """(train_step, eval_step) jitted with shardings at the boundary and the train state donated. With lora.rank
+    > 0 both take the frozen base as a third argument: step(state, batch, base), evaluate(adapters, batch, base)."""
     replicated = None if batch_sharding is None else jax.sharding.NamedSharding(batch_sharding.mesh,
                                                                                  jax.sharding.PartitionSpec())
-    step = jax.jit(functools.partial(train_step, config=config, train=train), donate_argnums=0,
-                   in_shardings=None if state_shardings is None else (state_shardings, batch_sharding),
+    adapted = lora is not None and lora.rank > 0
+    base_in = (base_shardings,) if adapted else ()
+    step = jax.jit(lambda state, batch, *base: train_step(state, batch, config, train, *base, lora=lora),
+                   donate_argnums=0,
+                   in_shardings=None if state_shardings is None else (state_shardings, batch_sharding, *base_in),
                    out_shardings=None if state_shardings is None else (state_shardings, replicated))
-    evaluate = jax.jit(functools.partial(eval_step, config=config, train=train),
-                       in_shardings=None if state_shardings is None else (state_shardings.params, batch_sharding))
+    evaluate = jax.jit(lambda params, batch, *base: eval_step(params, batch, config, train, *base, lora=lora),
+                       in_shardings=None if state_shardings is None else (state_shardings.params, batch_sharding,
+                                                                          *base_in))
     return step, evaluate
