@@ -202,6 +202,20 @@ def test_sixteen_concurrent_streaming_clients_get_their_greedy_answers(served):
         assert text == text_of(ckpt, ids, greedy(ckpt, ids, 16)), prompt
     health = _get(served[1], "/health")[1]
     assert health["compilations_after_warm_up"] == before == 0 and health["active"] == 0
+    assert health["steps_by_batch_size"]["16"] > 0, health
+
+
+def test_one_client_alone_runs_one_row_steps(served):
+    c, ckpt = client(served), served[2]
+    before = _get(served[1], "/health")[1]
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model="small", prompt=PROMPTS[0],
+                                                                      max_tokens=12, temperature=0, stream=True))
+    ids = ckpt.tokenizer.encode(PROMPTS[0], bos=True)
+    assert text == text_of(ckpt, ids, greedy(ckpt, ids, 12))
+    after = _get(served[1], "/health")[1]
+    used = {n: after["steps_by_batch_size"][n] - before["steps_by_batch_size"][n] for n in after["steps_by_batch_size"]}
+    assert used["1"] >= 11 and all(v == 0 for n, v in used.items() if n != "1"), used
+    assert after["compilations_after_warm_up"] == 0
 
 
 def test_a_seeded_sample_is_reproducible_alone_or_among_others(served):
@@ -436,3 +450,56 @@ def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
     log = served[4].read_text()
     assert "stopped" in log and "Traceback" not in log and "request " in log
 
+
+
+def test_steps_run_the_smallest_power_of_two_covering_the_occupied_slots():
+    """Requests arriving one after another fill slots lowest first; each step runs 1, 2, 4 or 5 rows (the pool)
+    as they need, every size compiled at warm-up, and each request's greedy tokens are what it gets alone."""
+    import queue
+    import threading
+
+    from llama_jax.serve.engine import Engine, Request
+
+    config = lj.ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=128)
+    params = lj.init_params(config, jax.random.key(0))
+
+    class Letters:
+        vocab_size = 50
+
+        def decode(self, ids):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    engine = Engine(params, config, Letters(), max_batch=5, max_len=128)
+    engine.start()
+    try:
+        assert engine.step_sizes == (1, 2, 4, 5)
+        prompts = [[1 + i, 7, 3 + i] for i in range(5)]
+        results, started = {}, []
+        for i, prompt in enumerate(prompts):  # each arrives once the ones before it are decoding
+            first = threading.Event()
+            events = queue.Queue()
+
+            def emit(e, events=events, first=first):
+                events.put(e)
+                first.set()
+
+            r = Request(prompt=prompt, max_tokens=60 - 10 * i, temperature=0.0, emit=emit)
+            engine.submit(r)
+            assert first.wait(60)
+            started.append(events)
+        for i, events in enumerate(started):
+            tokens = []
+            while True:
+                e = events.get(timeout=60)
+                tokens += e.tokens
+                if e.finish_reason:
+                    break
+            results[i] = tokens
+        stats = engine.stats()  # before lj.generate below compiles in this process too
+        assert all(stats["steps_by_batch_size"][str(n)] > 0 for n in (1, 2, 4, 5)), stats
+        assert stats["compilations_after_warm_up"] == 0
+        for i, prompt in enumerate(prompts):
+            alone = lj.generate(params, config, [prompt], max_new_tokens=60 - 10 * i, temperature=0.0)[0]
+            assert results[i] == alone, i
+    finally:
+        engine.stop()

@@ -127,7 +127,13 @@ class Engine:
         self.steps = 0
         self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
         self._inflight = None  # (outputs of the step in flight, the slots' owners when it was launched)
-        self._step = jax.jit(functools.partial(slots.decode_step, config=config), donate_argnums=1)
+        # One decode step per power of two up to the pool (and the pool itself): a step runs the smallest that
+        # covers the highest occupied slot, and slots are handed out lowest first, so one client pays a one-row
+        # step and sixteen pay what a full pool does.
+        self.step_sizes = tuple(sorted({min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}))
+        self.steps_by_size = dict.fromkeys(self.step_sizes, 0)
+        self._steps = {n: jax.jit(functools.partial(slots.decode_step, config=config, rows=n), donate_argnums=1)
+                       for n in self.step_sizes}
         self._prefill = jax.jit(functools.partial(slots.prefill, config=config), donate_argnums=1)
 
     # --- public API -------------------------------------------------------------------------------------------
@@ -148,8 +154,9 @@ class Engine:
                               np.bool_(True))[0]
             jax.block_until_ready(token_logprobs(self.score_params, np.zeros((1, P), np.int32), self.config,
                                                  np.ones(1, np.int32), top=TOP_LOGPROBS))
-        s = self._step(self.params, s, np.bool_(False))[0]
-        s = self._step(self.params, s, np.bool_(True))[0]
+        for step in self._steps.values():
+            s = step(self.params, s, np.bool_(False))[0]
+            s = step(self.params, s, np.bool_(True))[0]
         jax.block_until_ready(slots.deactivate(s, 0).lengths_B)
         self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
         # Then requests of each kind through the real path: XLA:CPU prepares some kernels on their first run (a
@@ -163,6 +170,7 @@ class Engine:
             while self._active or self._inflight is not None:
                 self._decode()
         self.log, self.steps = log, 0
+        self.steps_by_size = dict.fromkeys(self.step_sizes, 0)
         self._compiles_at_ready = _compile_count()
         self.ready = True
 
@@ -204,6 +212,7 @@ class Engine:
         with self._lock:
             return {"ready": self.ready, "slots": self.max_batch, "active": len(self._active),
                     "waiting": len(self._waiting), "steps": self.steps,
+                    "steps_by_batch_size": {str(n): c for n, c in self.steps_by_size.items()},
                     "compilations_after_warm_up": self.compilations_after_warm_up()}
 
     def compilations_after_warm_up(self) -> int:
@@ -318,8 +327,10 @@ class Engine:
         previous, self._inflight = self._inflight, None
         if self._active:
             want = any(a.request.logprobs is not None for a in self._active.values())
-            self._pool, out = self._step(self.params, self._pool, np.bool_(want))
+            rows = next(n for n in self.step_sizes if n > max(self._active))
+            self._pool, out = self._steps[rows](self.params, self._pool, np.bool_(want))
             self.steps += 1
+            self.steps_by_size[rows] += 1
             self._inflight = (out, dict(self._active))
         if previous is not None:
             self._process(*previous)

@@ -95,9 +95,29 @@ def _sample(logits_BV, s: SlotSampling, count_B, seen_BV, active_B, want_logprob
     return token_B, lp_B, top_ids_BA, top_lp_BA
 
 
-def decode_step(params, pool: SlotPool, want_logprobs, *, config: ModelConfig):
+def decode_step(params, pool: SlotPool, want_logprobs, *, config: ModelConfig, rows: int | None = None):
     """Every active slot feeds its last token at its own position and samples the next one. Inactive slots run
-    too (static shapes) but change nothing that matters: their length stays, their output is ignored."""
+    too (static shapes) but change nothing that matters: their length stays, their output is ignored. `rows`: run
+    only the first `rows` slots (the engine hands out the lowest free slot and compiles one step per power of
+    two, so one request pays a one-row step); the outputs then have `rows` rows and the other slots are as they
+    were."""
+    B = pool.lengths_B.shape[0]
+    if rows is None or rows == B:
+        return _decode_rows(params, pool, want_logprobs, config)
+    K = config.n_kv_heads
+    head = lambda x, n: jax.lax.slice_in_dim(x, 0, n)
+    sub = pool.replace(cache=model.KVCache(k=[head(x, rows * K) for x in pool.cache.k],
+                                           v=[head(x, rows * K) for x in pool.cache.v]))
+    sub = jax.tree.map(lambda x: head(x, rows), sub.replace(cache=None)).replace(cache=sub.cache)
+    sub, out = _decode_rows(params, sub, want_logprobs, config)
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, 0, 0)
+    cache = model.KVCache(k=[put(b, s) for b, s in zip(pool.cache.k, sub.cache.k)],
+                          v=[put(b, s) for b, s in zip(pool.cache.v, sub.cache.v)])
+    rest = jax.tree.map(put, pool.replace(cache=None), sub.replace(cache=None))
+    return rest.replace(cache=cache), out
+
+
+def _decode_rows(params, pool: SlotPool, want_logprobs, config: ModelConfig):
     positions_B1 = jnp.minimum(pool.lengths_B, pool.cache.max_len - 1)[:, None]
     h_B1D, cache = model.hidden_cached(params, pool.last_B[:, None], positions_B1, pool.cache, config,
                                        scan_layers=False)
