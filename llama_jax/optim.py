@@ -13,7 +13,8 @@ import optax
 from flax import traverse_util
 
 from llama_jax import model
-from llama_jax.config import ModelConfig, TrainConfig
+from llama_jax.config import LoraConfig, ModelConfig, TrainConfig
+from llama_jax.lora import init_adapters
 
 DECAYED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
 
@@ -61,7 +62,12 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(clip, adamw)
 
 
-def init_state(config: ModelConfig, train: TrainConfig, key, params=None) -> TrainState:
+def init_state(config: ModelConfig, train: TrainConfig, key, params=None, lora: LoraConfig | None = None
+               ) -> TrainState:
+    """The state of a run at step 0: `params` (default: freshly initialised) and their optimizer state; with
+    lora.rank > 0 the trained parameters are new LoRA adapters instead (lora.py; the base stays outside)."""
+    if lora is not None and lora.rank:
+        params = init_adapters(config, lora, jax.random.fold_in(key, 2))
     params = model.init_params(config, key) if params is None else params
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(train).init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))

@@ -411,20 +411,21 @@ def test_a_full_queue_gets_429_and_a_stopping_engine_503_with_retry_after(served
         thread.join()
 
 
+class _Letters:
+    """A stand-in tokenizer for in-process engines over tiny random models: any id decodes to a letter."""
+    vocab_size = 50
+
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
 @pytest.mark.parametrize("max_len", [2, 5])
 def test_an_engine_shorter_than_a_prompt_bucket_still_serves_up_to_its_length(max_len):
     from llama_jax.serve.engine import Engine, Request
 
     config = lj.ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64)
     params = lj.init_params(config, jax.random.key(0))
-
-    class Letters:
-        vocab_size = 50
-
-        def decode(self, ids):
-            return "".join(chr(65 + i % 26) for i in ids)
-
-    engine = Engine(params, config, Letters(), max_batch=2, max_len=max_len)
+    engine = Engine(params, config, _Letters(), max_batch=2, max_len=max_len)
     engine.start()
     try:
         out = engine.generate(Request(prompt=[1], max_tokens=10, temperature=0.0), timeout=60)
@@ -462,14 +463,7 @@ def test_steps_run_the_smallest_power_of_two_covering_the_occupied_slots():
 
     config = lj.ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=128)
     params = lj.init_params(config, jax.random.key(0))
-
-    class Letters:
-        vocab_size = 50
-
-        def decode(self, ids):
-            return "".join(chr(65 + i % 26) for i in ids)
-
-    engine = Engine(params, config, Letters(), max_batch=5, max_len=128)
+    engine = Engine(params, config, _Letters(), max_batch=5, max_len=128)
     engine.start()
     try:
         assert engine.step_sizes == (1, 2, 4, 5)

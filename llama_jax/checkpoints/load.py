@@ -66,14 +66,14 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
         raise ConfigError(f"{flags[1]} {tokenizer}: no such file or directory")
     if adapter is not None and not Path(adapter).exists():
         raise ConfigError(f"--adapter {adapter}: no such file or directory")
-    generation, merged = {}, None
+    generation, applied = {}, None
     if kind == "run":
         config, params, meta = load_run_params(path, step)
         tok = load_tokenizer(tokenizer) if tokenizer else tokenizer_of(meta, path)
         template = tok.chat_template or chat_template.PROJECT_TEMPLATE
         source = f"run directory {path}, step {meta['step']}"
         if meta.get("lora_base"):
-            params, merged = _lora_run(path, params, meta)
+            params, applied = _lora_run(path, params, meta)
     elif kind == "gguf":
         config, params, tokenizer_files = read_gguf(path)
         tok = load_tokenizer(tokenizer) if tokenizer else HFTokenizer(path, files=tokenizer_files)
@@ -91,11 +91,11 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
         generation = _generation_config(path)
         source = f"Hugging Face directory {path}"
     if adapter is not None:
-        if merged is not None:
+        if applied is not None:
             raise ConfigError(f"--adapter {adapter}: {path} is a LoRA run, which applies its own adapters already")
         adapters, lora_config = load_peft_adapter(adapter, config)
         params = lora.merge_adapters(params, adapters, lora_config)
-        merged, source = Adapter(adapters, lora_config, str(path)), f"{source} + PEFT adapter {adapter}"
+        applied, source = Adapter(adapters, lora_config, str(path)), f"{source} + PEFT adapter {adapter}"
     if tok.vocab_size > config.vocab_size:
         raise ConfigError(f"{tok.model_file}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
                           f"is {config.vocab_size}; they do not belong together")
@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path, step: int | None = None, tokenizer: str | 
     listed = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
     stops = [*listed, tok.eos_id, *(chat_template.template_stop_tokens(tok, template) if template else ())]
     stops = tuple(dict.fromkeys(int(t) for t in stops if isinstance(t, int) and 0 <= t < config.vocab_size))
-    return Checkpoint(config, params, tok, template, stops, source, merged)
+    return Checkpoint(config, params, tok, template, stops, source, applied)
 
 
 def _lora_run(path: Path, adapters, meta: dict):
@@ -114,9 +114,10 @@ def _lora_run(path: Path, adapters, meta: dict):
         raise CheckpointError(f"{path}: the base this LoRA run adapts, {base_path}, is gone (train.init_from); put it "
                               "back, or export the merged model while you have it")
     base = load_checkpoint(base_path, flags=(f"{path}'s base", "--tokenizer"))
-    if lora.fingerprint(base.params) != record["fingerprint"]:
+    found = lora.fingerprint(base.params)
+    if found != record["fingerprint"]:
         raise CheckpointError(f"{path}: its base {base_path} has changed since the adapters were trained (fingerprint "
-                              f"{lora.fingerprint(base.params)}, recorded {record['fingerprint']})")
+                              f"{found}, recorded {record['fingerprint']})")
     merged = lora.merge_adapters(base.params, adapters, run_config.lora)
     return merged, Adapter(adapters, run_config.lora, str(base_path))
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from llama_jax import lora, optim
+from llama_jax import optim
 from llama_jax.config import ConfigError, ModelConfig, RunConfig, build, dump_yaml, load_run_config
 from llama_jax.errors import UserError
 from llama_jax.files import make_dirs
@@ -253,9 +253,8 @@ def load_run_params(run_dir, step: int | None = None):
 
     def abstract(meta):
         config = run_config_of(meta)
-        key = jax.random.key(0)
-        trained = (lambda: lora.init_adapters(config.model, config.lora, key)) if config.lora.rank else lambda: None
-        shapes = jax.eval_shape(lambda: optim.init_state(config.model, config.train, key, trained()))
+        shapes = jax.eval_shape(lambda: optim.init_state(config.model, config.train, jax.random.key(0),
+                                                          lora=config.lora))
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
     mgr = manager(ckpt_dir, async_save=False)

@@ -167,8 +167,7 @@ def initial_state(config: RunConfig, run_dir: Path, mesh, resume: bool) -> Start
         base_shard = sharding.state_shardings(init_params, sharding.param_specs(init_params, mesh), mesh)
         base = jax.device_put(jax.tree.map(lambda w: w.astype(mc.dtype), init_params), base_shard)
         init_params = None
-    trainable = lambda key, p: optim.init_state(mc, tc, key, lora.init_adapters(mc, lc, jax.random.fold_in(key, 2))
-                                                if adapted else p)
+    trainable = lambda key, p: optim.init_state(mc, tc, key, p, lora=lc)  # a LoRA run's: new adapters
     abstract = jax.eval_shape(lambda: trainable(jax.random.key(tc.seed), init_params))
     specs = {} if adapted else sharding.param_specs(abstract.params, mesh)  # adapters are small: replicated
     state_shard = sharding.state_shardings(abstract, specs, mesh)
@@ -219,10 +218,8 @@ def _check_compatible(saved_meta: dict, current: RunConfig, where: Path, base_re
     if diff:
         raise checkpoint.ResumeError(f"cannot resume {where}: the model config differs: {', '.join(diff)}")
     saved_train = saved_config.train
-    trainable = (lambda: lora.init_adapters(current.model, current.lora, jax.random.key(0))) if current.lora.rank \
-        else (lambda: model.init_params(current.model, jax.random.key(0)))
     layout = lambda tc: jax.tree.structure(jax.eval_shape(
-        lambda: optim.make_optimizer(tc).init(jax.eval_shape(trainable))))
+        lambda: optim.init_state(current.model, tc, jax.random.key(0), lora=current.lora)).opt_state)
     if layout(saved_train) != layout(current.train):
         changed = [f"train.{k} (saved {getattr(saved_train, k)!r}, now {v!r})"
                    for k, v in dataclasses.asdict(current.train).items() if getattr(saved_train, k) != v]
