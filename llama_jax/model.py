@@ -214,10 +214,11 @@ def _linear(x, w, out_in: bool):
     return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
 
 
-def _block(layer, x_BTD, positions_BT, mask_BTS, rope, config: ModelConfig, kv_cache=None, out_in=False):
+def _block(layer, x_BTD, positions_BT, mask_BTS, rope, config: ModelConfig, kv_cache=None, out_in=False,
+           first_row=0):
     """One transformer block. With kv_cache=(k_ZSH, v_ZSH), this step's keys/values are written into the cache
-    at their positions first and attention runs over the whole cache; returns (x, new_cache). out_in: the layer's
-    matrices are stored [out, in] (unstack_layers' decode layout)."""
+    rows first_row .. first_row + B - 1 at their positions first and attention runs over those rows; returns
+    (x, new_cache). out_in: the layer's matrices are stored [out, in] (unstack_layers' decode layout)."""
     B, T, _ = x_BTD.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
     mm = functools.partial(_linear, out_in=out_in)
@@ -230,11 +231,13 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, rope, config: ModelConfig, kv_c
         attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl,
                               is_causal=mask_BTS is None)
     else:  # write this step's keys/values at their positions of the [B*K, S, H] cache, then attend to it all
-        z_BTK = (jnp.arange(B) * K)[:, None, None] + jnp.arange(K)[None, None, :]
+        z_BTK = first_row * K + (jnp.arange(B) * K)[:, None, None] + jnp.arange(K)[None, None, :]
         slot_BT1 = positions_BT[:, :, None]
         k_ZSH = kv_cache[0].at[z_BTK, slot_BT1].set(k_BTKH.astype(kv_cache[0].dtype), mode="drop")
         v_ZSH = kv_cache[1].at[z_BTK, slot_BT1].set(v_BTKH.astype(kv_cache[1].dtype), mode="drop")
         kv_cache = (k_ZSH, v_ZSH)
+        if k_ZSH.shape[0] != B * K:  # a cache of more rows than this batch: attend over the batch's rows only
+            k_ZSH, v_ZSH = (jax.lax.dynamic_slice_in_dim(c, first_row * K, B * K) for c in kv_cache)
         # Always the heads-major reference over the cache, whatever attention_impl says: a fused kernel would need
         # the cache transposed (copied) every step, and a one-token query gains nothing from it.
         attn_BTNH = _attend_heads_major(q_BTNH, k_ZSH, v_ZSH, mask_BTS)
@@ -394,10 +397,14 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
     return KVCache(k=zeros(), v=zeros())
 
 
-def hidden_cached(params, tokens_BT, positions_BT, cache: KVCache, config: ModelConfig, scan_layers: bool = False):
+def hidden_cached(params, tokens_BT, positions_BT, cache: KVCache, config: ModelConfig, scan_layers: bool = False,
+                  first_row=0):
     """Prefill or decode step over a KV cache: tokens [B, T] at per-row positions [B, T] (a row's positions are
     consecutive). Writes their keys/values into the cache and attends to every slot at or before each query's
     position, so earlier slots must hold that row's earlier tokens. Returns (final-normed hidden [B, T, D], cache).
+
+    The cache may hold more rows than the batch (a server's pool of slots): the batch is its rows first_row ..
+    first_row + B - 1 (first_row may be traced); the other rows are neither read nor written.
 
     scan_layers=False unrolls the layers and updates each layer's cache in place: the decode step's layout.
     scan_layers=True stacks the cache for lax.scan and splits it again (one copy, fine for a prefill; compile time
@@ -415,7 +422,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache: KVCache, config: Model
 
         def body(x_BTD, layer_and_kv):
             layer, k, v = layer_and_kv
-            x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (k, v))
+            x_BTD, (k, v) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (k, v), first_row=first_row)
             return x_BTD, (k, v)
         stacked = (layers, jnp.stack(cache.k), jnp.stack(cache.v))
         x_BTD, (k_all, v_all) = jax.lax.scan(body, x_BTD, stacked)
@@ -425,7 +432,7 @@ def hidden_cached(params, tokens_BT, positions_BT, cache: KVCache, config: Model
         out_in = isinstance(layers, list)
         for i, layer in enumerate(layers if out_in else _split_layers(layers, config.n_layers)):
             x_BTD, (ks[i], vs[i]) = _block(layer, x_BTD, positions_BT, mask_BTS, rope, config, (ks[i], vs[i]),
-                                           out_in=out_in)
+                                           out_in=out_in, first_row=first_row)
     return rms_norm(x_BTD, params["final_norm"], config.norm_eps), KVCache(k=ks, v=vs)
 
 

@@ -281,6 +281,27 @@ def test_cached_forward_equals_full_forward(small_config):
             np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
 
 
+def test_a_batch_in_some_rows_of_a_bigger_cache_equals_its_own_cache(small_config):
+    """hidden_cached(first_row=r) over a cache of 5 rows: the batch's hidden states and cache rows are those of a
+    cache of exactly its rows, and the other rows stay as they were (a server's pool of slots)."""
+    params = lj.init_params(small_config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 97)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    K = small_config.n_kv_heads
+    own_h, own = lj.hidden_cached(params, tokens, pos, lj.init_cache(small_config, 2, 16), small_config)
+    other = jax.tree.map(lambda x: x + 1.0, lj.init_cache(small_config, 5, 16))  # rows that must not change
+    for scan_layers in (False, True):
+        for first_row in (0, 2, 3):
+            h, cache = jax.jit(lambda c, r, s=scan_layers: lj.hidden_cached(params, tokens, pos, c, small_config, s,
+                                                                            first_row=r))(other, first_row)
+            np.testing.assert_allclose(h, own_h, atol=1e-6)
+            for big, mine, before in zip(cache.k + cache.v, own.k + own.v, other.k + other.v):
+                rows = slice(first_row * K, (first_row + 2) * K)
+                np.testing.assert_allclose(big[rows, :6], mine[:, :6], atol=1e-6)
+                np.testing.assert_array_equal(np.delete(np.asarray(big), np.r_[rows], 0),
+                                              np.delete(np.asarray(before), np.r_[rows], 0))
+
+
 def test_kv_cache_is_a_pytree_of_per_layer_slabs(small_config):
     cache = lj.init_cache(small_config, 3, 16)
     K, H = small_config.n_kv_heads, small_config.head_dim

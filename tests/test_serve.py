@@ -169,6 +169,24 @@ def test_chat_streamed_and_not_stops_at_the_end_of_turn(served):
     assert parts[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
 
+def test_a_chat_s_next_turn_reuses_the_keys_and_values_of_the_last(served):
+    """The client resends the conversation: the server prefills only what follows the earlier turns (a prefix hit
+    in /health) and answers as lj.generate does from scratch."""
+    c, ckpt = client(served), served[2]
+    messages = [{"role": "system", "content": "Once upon a time the king rode."},
+                {"role": "user", "content": "the queen waited by the river"}]
+    first = c.chat.completions.create(model="small", messages=messages, max_tokens=12, temperature=0)
+    before = _get(served[1], "/health")[1]["prefix_cache"]
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "and the king"}]
+    ids = chat.encode_conversation(ckpt.tokenizer, ckpt.chat_template, messages, add_generation_prompt=True)
+    second = c.chat.completions.create(model="small", messages=messages, max_tokens=12, temperature=0)
+    after = _get(served[1], "/health")[1]["prefix_cache"]
+    assert second.choices[0].message.content == text_of(ckpt, ids, greedy(ckpt, ids, 12))
+    assert after["hits"] == before["hits"] + 1, (before, after)
+    assert after["reused_tokens"] - before["reused_tokens"] >= first.usage.prompt_tokens
+
+
 def test_stop_strings_cut_the_text_even_across_tokens(served):
     c, ckpt = client(served), served[2]
     ids = ckpt.tokenizer.encode(PROMPTS[4], bos=True)
@@ -436,6 +454,80 @@ def test_an_engine_shorter_than_a_prompt_bucket_still_serves_up_to_its_length(ma
         engine.stop()
 
 
+def _browser():
+    """Headless Chromium through selenium (Debian's chromium and chromium-driver; .ci/run installs them and sets
+    LLAMA_JAX_BROWSER=required, so that CI never skips the page's test)."""
+    import shutil
+
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver):
+        message = "the playground's test needs Chromium: apt-get install chromium chromium-driver"
+        if os.environ.get("LLAMA_JAX_BROWSER") == "required":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_playground_page_streams_the_api_s_answer_and_shows_each_token_s_alternatives(served, tmp_path):
+    """GET / in a real browser: a prompt at temperature 0 renders the API's greedy completion; a token's
+    alternatives add up to at most 1 with the chosen one first; sampled with top-k 3, every alternative past the
+    third is shown cut by top-k. Leaves a screenshot (LLAMA_JAX_SCREENSHOT or the test's directory)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    c = client(served)
+    assert f"the playground page: http://127.0.0.1:{served[1]}/" in served[4].read_text()  # serve.py says where
+    page = _browser()
+    try:
+        page.get(served[0] + "/")
+        wait = WebDriverWait(page, 60)
+        wait.until(lambda d: "small" in d.find_element(By.ID, "model").text)
+
+        def run(prompt, **settings):
+            for name, value in settings.items():
+                field = page.find_element(By.ID, name)
+                field.clear()
+                field.send_keys(str(value))
+            box = page.find_element(By.ID, "input")
+            box.clear()
+            box.send_keys(prompt)
+            page.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-done"))
+            return page.execute_script("const o = document.getElementById('output');"
+                                       "return o.textContent.slice(o.querySelector('.prompt-text').textContent.length)")
+
+        rendered = run(PROMPTS[4], temperature=0, max_tokens=16)
+        api = c.completions.create(model="small", prompt=PROMPTS[4], max_tokens=16, temperature=0)
+        assert rendered == api.choices[0].text and rendered
+        tokens = page.find_elements(By.CSS_SELECTOR, "#output .tok")
+        assert tokens
+        tokens[0].click()
+        rows = page.find_elements(By.CSS_SELECTOR, "#details table.alternatives tr[data-p]")
+        p = [float(r.get_attribute("data-p")) for r in rows]
+        assert len(p) >= 2 and sum(p) <= 1 + 1e-6 and p == sorted(p, reverse=True)
+        assert "chosen" in rows[0].get_attribute("class")  # greedy: the most likely one
+
+        run(PROMPTS[1], temperature=1, top_k=3, seed=7, max_tokens=24)
+        page.find_elements(By.CSS_SELECTOR, "#output .tok")[2].click()
+        rows = page.find_elements(By.CSS_SELECTOR, "#details table.alternatives tr[data-p]")
+        why = [r.find_element(By.CSS_SELECTOR, ".why").text for r in rows]
+        assert all(w.startswith("cut by top-k") for w in why[3:]) and len(why) > 3, why
+        assert not any(w.startswith("cut by top-k") for w in why[:3]), why
+        shot = Path(os.environ.get("LLAMA_JAX_SCREENSHOT") or tmp_path / "playground.png")
+        page.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert _get(served[1], "/health")[1]["compilations_after_warm_up"] == 0
+    finally:
+        page.quit()
+
+
 def test_sigterm_ends_the_requests_in_flight_and_exits_0(served):
     """Last in this module: it stops the server."""
     c, proc = client(served), served[3]
@@ -497,3 +589,137 @@ def test_steps_run_the_smallest_power_of_two_covering_the_occupied_slots():
             assert results[i] == alone, i
     finally:
         engine.stop()
+
+
+def _tiny_engine(**kwargs):
+    from llama_jax.serve.engine import Engine
+
+    config = lj.ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=256)
+    params = lj.init_params(config, jax.random.key(1))
+    engine = Engine(params, config, _Letters(), **{"max_batch": 4, "max_len": 256, **kwargs})
+    engine.start()
+    return engine, params, config
+
+
+def _run(engine, prompt, n, **kwargs):
+    from llama_jax.serve.engine import Request
+
+    return engine.generate(Request(prompt=prompt, max_tokens=n, temperature=0.0, **kwargs), timeout=120)
+
+
+def _prompt(n, seed):
+    return [1, *np.random.default_rng(seed).integers(3, 50, n - 1).tolist()]
+
+
+def test_prefix_reuse_continues_a_finished_conversation_and_copies_a_running_one_s_prompt():
+    """Turn 2 = turn 1's prompt + its answer + more: prefilled from where turn 1's keys/values end (a hit in
+    /health); a prompt sharing a running request's first 40 tokens copies them into its own slot. Greedy tokens
+    equal an engine without reuse, and lj.generate; log-probabilities agree."""
+    import queue
+
+    from llama_jax.serve.engine import Request, _compile_count
+
+    engine, params, config = _tiny_engine(prefill_chunk=16)
+    cold, _, _ = _tiny_engine(prefill_chunk=16, prefix_reuse=False)
+    compiled = _compile_count()
+    try:
+        turn1 = _prompt(40, 0)
+        a1 = _run(engine, turn1, 20, logprobs=0)
+        turn2 = turn1 + a1.tokens + _prompt(30, 1)[1:]
+        a2 = _run(engine, turn2, 20, logprobs=0)
+        stats = engine.stats()["prefix_cache"]
+        assert stats["hits"] == 1 and stats["reused_tokens"] == len(turn1) + 19, stats  # the last answer token
+        # is fed by the step after it, so its keys/values are not known to be there
+        b2 = _run(cold, turn2, 20, logprobs=0)
+        assert cold.stats()["prefix_cache"]["hits"] == 0
+
+        # A running request's prompt: the second request shares its first 40 tokens and runs beside it.
+        events = queue.Queue()
+        shared = _prompt(40, 2)
+        engine.submit(Request(prompt=shared + [5, 6], max_tokens=60, temperature=0.0, emit=events.put))
+        assert events.get(timeout=60).tokens  # decoding: its prompt's keys/values are in its slot
+        before = engine.stats()["prefix_cache"]
+        other = shared + _prompt(12, 3)[1:]
+        got = _run(engine, other, 15)
+        after = engine.stats()["prefix_cache"]
+        assert after["hits"] == before["hits"] + 1 and after["reused_tokens"] - before["reused_tokens"] == 40
+        assert _compile_count() == compiled  # neither engine compiled after its warm-up
+
+        assert a2.tokens == b2.tokens == lj.generate(params, config, [turn2], max_new_tokens=20, temperature=0.0)[0]
+        np.testing.assert_allclose(a2.logprobs, b2.logprobs, atol=1e-5)
+        assert got.tokens == lj.generate(params, config, [other], max_new_tokens=15, temperature=0.0)[0]
+    finally:
+        engine.stop(drain=False)
+        cold.stop(drain=False)
+
+
+def test_chunked_prefill_equals_one_piece():
+    """Prompts shorter than, equal to and several times a 16-token chunk give the tokens and log-probabilities of
+    one-piece prefill (chunks of 256) and of lj.generate; the chunk counters show the pieces."""
+    from llama_jax.serve.engine import _compile_count
+
+    chunked, params, config = _tiny_engine(prefill_chunk=16, prefix_reuse=False)
+    whole, _, _ = _tiny_engine(prefill_chunk=256, prefix_reuse=False)
+    compiled = _compile_count()
+    try:
+        assert chunked.chunk_sizes == (16,) and whole.chunk_sizes == (16, 64, 256)
+        prompts = [_prompt(n, n) for n in (5, 16, 17, 100)]
+        outs = [(_run(chunked, p, 12, logprobs=3), _run(whole, p, 12, logprobs=3)) for p in prompts]
+        assert chunked.stats()["prefill_chunks_by_size"] == {"16": 1 + 1 + 2 + 7}
+        assert whole.stats()["prefill_chunks_by_size"] == {"16": 2, "64": 1, "256": 1}  # the smallest that holds it
+        assert _compile_count() == compiled
+        for p, (a, b) in zip(prompts, outs):
+            assert a.tokens == b.tokens == lj.generate(params, config, [p], max_new_tokens=12, temperature=0.0)[0]
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+            assert [[i for i, _ in alts] for alts in a.top_logprobs] == [[i for i, _ in alts]
+                                                                          for alts in b.top_logprobs]
+    finally:
+        chunked.stop(drain=False)
+        whole.stop(drain=False)
+
+
+def test_a_long_prompt_arriving_while_four_streams_decode_is_prefilled_between_their_steps():
+    """Four streams decode; a 200-token prompt arrives: it is prefilled a 16-token chunk per step while they keep
+    getting tokens, and every output equals what lj.generate gives it alone."""
+    import queue
+
+    from llama_jax.serve.engine import Request
+
+    engine, params, config = _tiny_engine(prefill_chunk=16, max_batch=8)  # 200 tokens: 13 chunks
+    try:
+        prompts = [_prompt(8 + i, 10 + i) for i in range(4)]
+        streams = [queue.Queue() for _ in prompts]
+        timeline = []  # who got a token, in the order the engine emits them (from its one thread)
+        for i, (p, q) in enumerate(zip(prompts, streams)):
+            engine.submit(Request(prompt=p, max_tokens=50, temperature=0.0,
+                                  emit=lambda e, i=i, q=q: (timeline.append(i), q.put(e))))
+        for q in streams:
+            assert q.get(timeout=60).tokens
+        order = queue.Queue()
+        long = _prompt(200, 20)
+        submitted = len(timeline)
+        engine.submit(Request(prompt=long, max_tokens=10, temperature=0.0,
+                              emit=lambda e: (timeline.append("long"), order.put(("long", e)))))
+        outputs = {i: [] for i in range(4)}
+        for i, q in enumerate(streams):
+            while True:
+                e = q.get(timeout=60)
+                outputs[i] += e.tokens
+                if e.finish_reason:
+                    break
+        long_tokens = []
+        while True:
+            e = order.get(timeout=60)[1]
+            long_tokens += e.tokens
+            if e.finish_reason:
+                break
+        stats = engine.stats()
+        assert stats["prefill_chunks_by_size"]["16"] >= 13 and stats["compilations_after_warm_up"] == 0, stats
+        meanwhile = timeline[submitted:timeline.index("long")]  # while its 13 chunks ran, a step after each
+        assert all(meanwhile.count(i) >= 10 for i in range(4)), meanwhile
+        assert long_tokens == lj.generate(params, config, [long], max_new_tokens=10, temperature=0.0)[0]
+        for i, p in enumerate(prompts):
+            alone = lj.generate(params, config, [p], max_new_tokens=50, temperature=0.0)[0]
+            assert [t for t in [*alone]][1:] == outputs[i], i  # the first token was taken above
+    finally:
+        engine.stop(drain=False)

@@ -29,6 +29,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
     p.add_argument("--max-len", type=int, help="tokens per request, prompt included (default: the context)")
     p.add_argument("--queue", type=int, default=256, help="requests that may wait for a slot before 429s")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="the most prompt tokens prefilled in one piece; while others decode, a chunk is cut to "
+                        "what takes one of their steps")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt from its start (by default a prompt that begins with tokens a slot "
+                        "still holds, such as a chat's earlier turns, starts after them)")
     p.add_argument("--model-name", help="the model's id in the API (default: the checkpoint's file name)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: float32 on a CPU, the checkpoint's elsewhere)")
@@ -37,7 +43,8 @@ def main(argv=None) -> int:
     except SystemExit as err:
         return err.code if isinstance(err.code, int) else 2
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-len", args.max_len, 2),
-                             ("--queue", args.queue, 1), ("--port", args.port, 0)):
+                             ("--queue", args.queue, 1), ("--port", args.port, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 1)):
         if value is not None and value < low:
             return fail(f"{flag}={value} must be >= {low}")
     try:  # refuse a busy port before spending minutes loading and compiling
@@ -64,7 +71,8 @@ def main(argv=None) -> int:
         log(f"loaded {ckpt.source}; compiling for {args.max_batch} slots of "
             f"{args.max_len or ckpt.config.max_seq_len} tokens")
         engine = Engine(ckpt.params, ckpt.config.replace(dtype=dtype), ckpt.tokenizer, stop_tokens=ckpt.stop_tokens,
-                        max_batch=args.max_batch, max_len=args.max_len, queue_size=args.queue, log=log)
+                        max_batch=args.max_batch, max_len=args.max_len, queue_size=args.queue,
+                        prefill_chunk=args.prefill_chunk, prefix_reuse=not args.no_prefix_reuse, log=log)
         engine.start()
     except UserError as e:
         return fail(str(e))
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
     server = Server(engine, name, ckpt.chat_template)
     config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30, lifespan="off")
-    log(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    log(f"serving {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops); "
+        f"the playground page: http://{args.host}:{args.port}/")
     # uvicorn stops on SIGINT/SIGTERM once the requests in flight have ended, then raises the signal again for
     # the handler that was there before it: ours, so that a requested stop exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

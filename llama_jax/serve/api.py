@@ -3,22 +3,24 @@ engine (engine.py).
 
     python serve.py --checkpoint runs/tiny          # then: curl http://127.0.0.1:8000/v1/completions ...
 
-Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions; streaming as server-sent
-events ending with `data: [DONE]`. Requests are checked field by field (protocol.py): a bad one gets OpenAI's
-error object (400 naming the parameter, 404 for an unknown model, 429 with Retry-After when the queue is full) and
-the server keeps serving. A client that disconnects cancels its request, which frees its slot.
+Routes: GET / (the playground page, playground.html), GET /health, GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions; streaming as server-sent events ending with `data: [DONE]`. Requests are checked
+field by field (protocol.py): a bad one gets OpenAI's error object (400 naming the parameter, 404 for an unknown
+model, 429 with Retry-After when the queue is full) and the server keeps serving. A client that disconnects
+cancels its request, which frees its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import time
 import uuid
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from llama_jax.errors import ArgumentError
@@ -46,7 +48,9 @@ class Server:
         self.tok = engine.tokenizer
         self.retry_after = retry_after
         self.created = int(time.time())
+        self.page = importlib.resources.files("llama_jax.serve").joinpath("playground.html").read_text("utf-8")
         self.app = Starlette(routes=[
+            Route("/", self.playground, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -61,6 +65,9 @@ class Server:
 
     async def internal_error(self, request, exc):
         return self._refuse(BadRequest(f"internal error: {type(exc).__name__}: {exc}", status=500))
+
+    async def playground(self, request):
+        return HTMLResponse(self.page)
 
     async def health(self, request):
         stats = self.engine.stats()

@@ -1,10 +1,14 @@
 """Continuous batching: many generation requests share one compiled decode step. No HTTP here (see api.py).
 
 A fixed pool of `max_batch` slots, one KV-cache row each; every shape is static, so once `warm_up` has compiled
-the step and one prefill per prompt-length bucket, no request triggers a compilation. One thread owns the model:
-between decode steps it prefills waiting requests (from a bounded queue) into free slots while the other slots
-keep their caches, then advances every active slot by one token. A finished or cancelled request frees its slot
-at once.
+the decode step (one per power of two of slots) and the prefill chunks (a few shapes), no request triggers a
+compilation. One thread owns the model. Each turn of its loop it admits waiting requests (from a bounded queue)
+into free slots, prefills those whose prompts fit one chunk and one chunk of the earliest longer prompt, then
+advances every decoding slot by one token: a long prompt arriving slows the running streams by one chunk per token
+instead of stopping them for its whole prefill. A prompt that begins with tokens whose keys/values a slot still
+holds (the earlier turns of a conversation, a shared system prompt) starts after them. A finished or cancelled
+request frees its slot at once; the slot keeps its keys/values until a new request needs it (the least recently
+used first).
 
 The compiled functions over the slots, with the per-slot sampling settings, are slots.py's; this module schedules
 them. Text is detokenized per request (UTF-8 safe) and stop strings are matched on it as it grows, the text cut
@@ -36,6 +40,9 @@ from llama_jax.score import token_logprobs
 from llama_jax.serve import slots
 from llama_jax.serve.slots import TOP_LOGPROBS
 from llama_jax.text.tokenizer import TextStream
+
+MIN_COPIED = 16  # a prefix held by another slot is copied over (all its rows, a fixed shape) from this many tokens
+BURST, BURST_S = 4, 0.05  # steps a call for a request alone, if they take at most this many seconds
 
 
 class EngineStopping(RuntimeError):
@@ -91,26 +98,58 @@ class Event:
 
 @dataclasses.dataclass
 class _Active:
+    """A request holding a slot: first its prompt is prefilled a chunk at a time, then it decodes."""
+
     request: Request
     slot: int
     text: TextStream
     held: str = ""  # text not yet emitted: it may begin a stop string
-    generated: int = 0
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated so far
     started: float = 0.0
+    prefilled: int = 0  # prompt tokens whose keys/values are in the slot (reused or prefilled)
+    prompt_logprobs: list | None = None  # echo: sent with the first token
+    order: int = 0  # admission order: prompts are prefilled first come, first served
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt)
+
+    def known(self) -> list[int]:
+        """The tokens whose keys/values are in the slot's first positions: the prompt as far as prefilled, then
+        every generated token but the newest (which is fed by the next step)."""
+        r = self.request
+        return r.prompt + self.tokens[:-1] if self.decoding else r.prompt[:self.prefilled]
 
 
 class Engine:
     def __init__(self, params, config: ModelConfig, tokenizer, *, stop_tokens=(), max_batch: int = 16,
-                 max_len: int | None = None, queue_size: int = 256, log: Callable[[str], None] | None = None):
+                 max_len: int | None = None, queue_size: int = 256, prefill_chunk: int = 256,
+                 interleave: bool = True, prefix_reuse: bool = True, log: Callable[[str], None] | None = None):
         """`max_len`: tokens per slot (prompt + generation), at most the model's context (default). A prompt
-        must leave room for at least one new token."""
+        must leave room for at least one new token.
+
+        `prefill_chunk`: a prompt of at most this many tokens (past what a slot already holds) is prefilled in
+        one piece between two decode steps, a longer one in chunks (the shapes are 16, 64, 256, ... up to it).
+        `interleave`: while other requests decode, a longer prompt's chunk is no longer than one of their decode
+        steps (timed at warm-up), so it at most doubles their inter-token latency; without, chunks of
+        `prefill_chunk`. `prefix_reuse`: a prompt starting with tokens whose keys/values a slot still holds (a
+        finished conversation's, a running request's) starts after them instead of prefilling them again."""
         model.check_params(params, config)
         self.config, self.tokenizer = config, tokenizer
         self.max_batch, self.max_len = int(max_batch), int(min(max_len or config.max_seq_len, config.max_seq_len))
         self.stop_tokens = frozenset(int(t) for t in stop_tokens)
         self.queue_size = queue_size
+        if prefill_chunk < 1:
+            raise ArgumentError(f"prefill_chunk={prefill_chunk} must be >= 1", "prefill_chunk")
+        chunk = min(int(prefill_chunk), self.max_len)
+        self.chunk_sizes = tuple(sorted({16 * 4 ** i for i in range(12) if 16 * 4 ** i < chunk} | {chunk}))
+        self.interleave, self.prefix_reuse = interleave, prefix_reuse
+        # echo scores the whole prompt in one piece: padded to a power of two (at least 16) or to max_len
         powers = (2 ** i for i in range(4, 32))
-        # prompts are padded to a power of two (at least 16) or to max_len: a handful of prefill shapes
         self.buckets = tuple(sorted({min(n, self.max_len) for n in powers if n // 2 < self.max_len} | {self.max_len}))
         self.log = log
         self.params = model.unstack_layers(params, config.dtype)
@@ -132,9 +171,24 @@ class Engine:
         # step and sixteen pay what a full pool does.
         self.step_sizes = tuple(sorted({min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}))
         self.steps_by_size = dict.fromkeys(self.step_sizes, 0)
-        self._steps = {n: jax.jit(functools.partial(slots.decode_step, config=config, rows=n), donate_argnums=1)
+        self._steps = {n: jax.jit(functools.partial(slots.decode_steps, config=config, rows=n), donate_argnums=1)
                        for n in self.step_sizes}
-        self._prefill = jax.jit(functools.partial(slots.prefill, config=config), donate_argnums=1)
+        # A request alone with nothing waiting runs BURST steps a call, where BURST of its steps take no longer than
+        # BURST_S (timed at warm-up): a new request then waits at most that long for its prefill.
+        self._burst = jax.jit(functools.partial(slots.decode_steps, config=config, rows=1, steps=BURST),
+                              donate_argnums=1)
+        self.burst = 1  # steps per call for a request alone, set by warm_up
+        self._chunk = jax.jit(functools.partial(slots.prefill_chunk, config=config), donate_argnums=1)
+        self._begin = {copy: jax.jit(functools.partial(slots.begin, copy=copy), donate_argnums=0)
+                       for copy in (False, True)}
+        self.chunks_by_size = dict.fromkeys(self.chunk_sizes, 0)
+        self._kept: dict[int, list[int]] = {}  # free slots: the tokens whose keys/values they still hold
+        self._used: dict[int, int] = {}  # slot -> when its last request ended (least recently used reused first)
+        self._clock = itertools.count()
+        self._order = itertools.count()
+        self.prefix_hits = self.reused_tokens = self.prompt_tokens = 0
+        self._step_s: dict[int, float] = {}  # warm-up timings: a decode step of each size,
+        self._chunk_s: dict[int, float] = {}  # and a prefill chunk of each shape
 
     # --- public API -------------------------------------------------------------------------------------------
 
@@ -147,16 +201,34 @@ class Engine:
         self._thread.start()
 
     def warm_up(self) -> None:
-        """Compiles the decode step and every prefill and scoring bucket by running them once on dummy input."""
+        """Compiles (by running them once on dummy input) the decode steps, the prefill chunks and the scoring
+        buckets, and times the steps and chunks (which chunk fits beside which step)."""
         s = self._pool
-        for P in self.buckets:
-            s = self._prefill(self.params, s, np.zeros((1, P), np.int32), 1, 0, self._settings(Request([0], 1)),
-                              np.bool_(True))[0]
-            jax.block_until_ready(token_logprobs(self.score_params, np.zeros((1, P), np.int32), self.config,
-                                                 np.ones(1, np.int32), top=TOP_LOGPROBS))
-        for step in self._steps.values():
-            s = step(self.params, s, np.bool_(False))[0]
+        for P in self.buckets:  # compiled, not run: running the longest on a long context costs more than compiling
+            token_logprobs.lower(self.score_params, np.zeros((1, P), np.int32), self.config, np.ones(1, np.int32),
+                                 top=TOP_LOGPROBS).compile()
+        prompt = np.zeros((1, self.max_len), np.int32)
+        for copy in (False, True):
+            s = self._begin[copy](s, 0, 1 % self.max_batch, prompt, 1, 0, self._settings(Request([0], 1)))
+
+        def timed(run, s):  # the better of two runs after the compiling one
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                s = run(s)
+                jax.block_until_ready(s.lengths_B)
+                times.append(time.perf_counter() - t)
+            return s, min(times[1:])
+        for C in self.chunk_sizes:
+            tokens = np.zeros((1, C), np.int32)
+            s, self._chunk_s[C] = timed(lambda s: self._chunk(self.params, slots.deactivate(s, 0), tokens, 1, 0,
+                                                              np.bool_(True), np.bool_(True))[0], s)
+        for n, step in self._steps.items():
             s = step(self.params, s, np.bool_(True))[0]
+            s, self._step_s[n] = timed(lambda s: step(self.params, s, np.bool_(False))[0], s)
+        s = self._burst(self.params, s, np.bool_(True))[0]
+        s, burst_s = timed(lambda s: self._burst(self.params, s, np.bool_(False))[0], s)
+        self.burst = BURST if burst_s <= BURST_S else 1
         jax.block_until_ready(slots.deactivate(s, 0).lengths_B)
         self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
         # Then requests of each kind through the real path: XLA:CPU prepares some kernels on their first run (a
@@ -168,9 +240,13 @@ class Engine:
                           logprobs=2, seed=0)):
             self._admit(r)
             while self._active or self._inflight is not None:
+                self._prefill_next()
                 self._decode()
         self.log, self.steps = log, 0
         self.steps_by_size = dict.fromkeys(self.step_sizes, 0)
+        self.chunks_by_size = dict.fromkeys(self.chunk_sizes, 0)
+        self.prefix_hits = self.reused_tokens = self.prompt_tokens = 0
+        self._kept.clear()
         self._compiles_at_ready = _compile_count()
         self.ready = True
 
@@ -210,9 +286,13 @@ class Engine:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"ready": self.ready, "slots": self.max_batch, "active": len(self._active),
-                    "waiting": len(self._waiting), "steps": self.steps,
+            prefilling = sum(not a.decoding for a in self._active.values())
+            return {"ready": self.ready, "slots": self.max_batch, "active": len(self._active) - prefilling,
+                    "prefilling": prefilling, "waiting": len(self._waiting), "steps": self.steps,
                     "steps_by_batch_size": {str(n): c for n, c in self.steps_by_size.items()},
+                    "prefill_chunks_by_size": {str(n): c for n, c in self.chunks_by_size.items()},
+                    "prefix_cache": {"hits": self.prefix_hits, "reused_tokens": self.reused_tokens,
+                                     "prompt_tokens": self.prompt_tokens},
                     "compilations_after_warm_up": self.compilations_after_warm_up()}
 
     def compilations_after_warm_up(self) -> int:
@@ -292,12 +372,14 @@ class Engine:
                         del self._active[slot]
                     r.emit(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
             try:
+                self._prefill_next()
                 self._decode()
             except Exception as e:
                 self._inflight = None
                 for a in list(self._active.values()):
                     self._finish(a, "error", error=f"{type(e).__name__}: {e}")
                 self._pool = slots.empty_pool(self.config, self.max_batch, self.max_len)
+                self._kept.clear()
         if self._inflight is not None:  # stopping: what the last step produced still goes out
             self._process(*self._inflight)
 
@@ -307,17 +389,86 @@ class Engine:
             r.emit(Event(prompt_logprobs=prompt_lp, finish_reason="length"))
             self._log(r, 0, time.monotonic())
             return
-        slot = next(s for s in range(self.max_batch) if s not in self._active)
-        P = next(b for b in self.buckets if b >= len(r.prompt))
-        tokens = np.zeros((1, P), np.int32)
-        tokens[0, :len(r.prompt)] = r.prompt
-        a = _Active(r, slot, TextStream(self.tokenizer, context=r.prompt[-8:]), started=time.monotonic())
+        slot, source, reused = self._place(r.prompt)
+        self._kept.pop(slot, None)
+        a = _Active(r, slot, TextStream(self.tokenizer, context=r.prompt[-8:]), started=time.monotonic(),
+                    prefilled=reused, prompt_logprobs=prompt_lp, order=next(self._order))
         self._active[slot] = a
-        self._pool, token, lp, top_ids, top_lp = self._prefill(
-            self.params, self._pool, tokens, len(r.prompt), slot, self._settings(r), np.bool_(r.logprobs is not None))
-        if prompt_lp is not None:
-            r.emit(Event(prompt_logprobs=prompt_lp))
-        self._take(a, int(token), float(lp), top_ids, top_lp)
+        prompt = np.zeros((1, self.max_len), np.int32)
+        prompt[0, :len(r.prompt)] = r.prompt
+        self._pool = self._begin[source != slot](self._pool, slot, source, prompt, len(r.prompt), reused,
+                                                 self._settings(r))
+        self.prompt_tokens += len(r.prompt)
+        self.prefix_hits += reused > 0
+        self.reused_tokens += reused
+
+    def _place(self, prompt: list[int]) -> tuple[int, int, int]:
+        """(slot, source, reused): the free slot a prompt goes to, and the slot holding the longest prefix of it
+        (`reused` tokens; the last prompt token is always prefilled, for its logits). A free slot is chosen
+        among those that keep the decode step as small as the lowest free slot would (a higher one would make
+        every step run more rows): the one holding the prefix if it is among them, else the least recently
+        used. A prefix held elsewhere (a running request, a free slot out of that range) is copied over."""
+        busy = set(self._active)
+        free = [s for s in range(self.max_batch) if s not in busy]
+        rows = self._rows(busy | {free[0]})
+        candidates = [s for s in free if s < rows]
+        best, reused = None, 0
+        if self.prefix_reuse:
+            for s in range(self.max_batch):
+                known = self._active[s].known() if s in busy else self._kept.get(s, [])
+                n = _common_prefix(known, prompt, len(prompt) - 1)
+                if n > reused:
+                    best, reused = s, n
+        if best in candidates:
+            return best, best, reused
+        slot = min(candidates, key=lambda s: self._used.get(s, -1))
+        if best is not None and reused >= MIN_COPIED:
+            return slot, best, reused
+        return slot, slot, 0
+
+    def chunk_beside(self, rows: int) -> int:
+        """The largest prefill chunk that took no longer than a decode step of `rows` rows at warm-up (at least the
+        smallest chunk): what one step's prefill may cost while others decode."""
+        if not self._step_s:  # not warmed up
+            return self.chunk_sizes[0]
+        return max([c for c in self.chunk_sizes if self._chunk_s[c] <= self._step_s[rows]],
+                   default=self.chunk_sizes[0])
+
+    def _rows(self, occupied) -> int:
+        """The decode step that covers these slots: the smallest power of two beyond the highest."""
+        return next(n for n in self.step_sizes if n > max(occupied))
+
+    def _prefill_next(self) -> None:
+        """Between two decode steps: prefills every waiting prompt that fits one chunk (a chat's next turn, most
+        prompts), then the next chunk of the earliest longer one. While others decode (and with `interleave`),
+        that chunk is the largest shape that took no longer than their decode step at warm-up (at least the
+        smallest), so a long prompt slows them by at most one step per step. A prompt's last chunk gives its
+        request the first token."""
+        waiting = sorted((a for a in self._active.values() if not a.decoding), key=lambda a: a.order)
+        for a in [a for a in waiting if len(a.request.prompt) - a.prefilled <= self.chunk_sizes[-1]]:
+            self._prefill_chunk(a, self.chunk_sizes[-1])
+        longer = [a for a in waiting if not a.decoding]
+        if longer:
+            decoding = [s for s, b in self._active.items() if b.decoding]
+            self._prefill_chunk(longer[0], self.chunk_beside(self._rows(decoding)) if decoding and self.interleave
+                                else self.chunk_sizes[-1])
+
+    def _prefill_chunk(self, a: _Active, limit: int) -> None:
+        """Runs the next chunk of a's prompt: the smallest shape that holds the rest, at most `limit`."""
+        r, left = a.request, len(a.request.prompt) - a.prefilled
+        C = min(next((c for c in self.chunk_sizes if c >= left), limit), limit)
+        n = min(left, C)
+        tokens = np.zeros((1, C), np.int32)
+        tokens[0, :n] = r.prompt[a.prefilled:a.prefilled + n]
+        last = a.prefilled + n == len(r.prompt)
+        self._pool, token, lp, top_ids, top_lp = self._chunk(self.params, self._pool, tokens, n, a.slot,
+                                                             np.bool_(last), np.bool_(r.logprobs is not None))
+        a.prefilled += n
+        self.chunks_by_size[C] += 1
+        if last:
+            if a.prompt_logprobs is not None:
+                r.emit(Event(prompt_logprobs=a.prompt_logprobs))
+            self._take(a, int(token), float(lp), top_ids, top_lp)
 
     def _decode(self) -> None:
         """Launches the next step, then hands out what the previous one produced while this one computes (JAX
@@ -325,27 +476,31 @@ class Engine:
         step finishes has had one more token computed by this one; it is dropped (the slot's owner at launch is
         recorded, so a slot freed and refilled meanwhile never receives its old occupant's token)."""
         previous, self._inflight = self._inflight, None
-        if self._active:
-            want = any(a.request.logprobs is not None for a in self._active.values())
-            rows = next(n for n in self.step_sizes if n > max(self._active))
-            self._pool, out = self._steps[rows](self.params, self._pool, np.bool_(want))
-            self.steps += 1
-            self.steps_by_size[rows] += 1
-            self._inflight = (out, dict(self._active))
+        decoding = {s: a for s, a in self._active.items() if a.decoding}
+        if decoding:
+            want = any(a.request.logprobs is not None for a in decoding.values())
+            rows = self._rows(decoding)
+            alone = rows == 1 and len(self._active) == 1 and not self._waiting and self.burst > 1
+            step, n = (self._burst, self.burst) if alone else (self._steps[rows], 1)
+            self._pool, out = step(self.params, self._pool, np.bool_(want))
+            self.steps += n
+            self.steps_by_size[rows] += n
+            self._inflight = (out, decoding)
         if previous is not None:
             self._process(*previous)
 
     def _process(self, out, owners: dict) -> None:
-        tokens, lps, top_ids, top_lps = jax.device_get(out)
-        for slot, a in owners.items():
-            if self._active.get(slot) is a:
-                self._take(a, int(tokens[slot]), float(lps[slot]), top_ids[slot], top_lps[slot])
+        tokens, lps, top_ids, top_lps = jax.device_get(out)  # [steps, rows, ...]
+        for i in range(tokens.shape[0]):
+            for slot, a in owners.items():
+                if self._active.get(slot) is a:  # (a request that ends mid-burst takes no more of its tokens)
+                    self._take(a, int(tokens[i, slot]), float(lps[i, slot]), top_ids[i, slot], top_lps[i, slot])
 
     def _take(self, a: _Active, token: int, lp: float, top_ids, top_lps) -> None:
         """A slot's new token: emit its text (minus what may start a stop string) and finish if it ends the
         request."""
         r = a.request
-        a.generated += 1
+        a.tokens.append(token)
         top = ([(int(i), float(v)) for i, v in zip(np.asarray(top_ids)[:r.logprobs], np.asarray(top_lps))]
                if r.logprobs else [])
         event = Event(tokens=[token], logprobs=[lp] if r.logprobs is not None else [],
@@ -372,7 +527,10 @@ class Engine:
         r.emit(event)
 
     def _finish(self, a: _Active, reason: str | None, event: Event | None = None, error: str | None = None):
-        self._active.pop(a.slot, None)
+        if self._active.get(a.slot) is a:
+            del self._active[a.slot]
+            self._kept[a.slot] = a.known()
+            self._used[a.slot] = next(self._clock)
         self._pool = slots.deactivate(self._pool, a.slot)
         event = event or Event(finish_reason=reason, error=error)
         a.request.emit(event)
@@ -399,6 +557,15 @@ class Engine:
                                   top_p=np.float32(1.0 if r.top_p is None else r.top_p),
                                   min_p=np.float32(r.min_p or 0.0), penalty=np.float32(r.repetition_penalty or 1.0),
                                   seed=np.uint32(r.seed or 0))
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
 
 
 def _compile_count() -> int:

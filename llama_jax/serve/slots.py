@@ -23,7 +23,7 @@ TOP_LOGPROBS = 20  # alternatives computed per token when a request asks for any
 
 @flax.struct.dataclass
 class SlotSampling:
-    """Sampling settings per slot ([B] arrays), or of one request (scalars) when handed to `prefill`."""
+    """Sampling settings per slot ([B] arrays), or of one request (scalars) when handed to `begin`."""
 
     temperature: jax.Array  # float32; 0 is greedy
     top_k: jax.Array  # int32; 0 keeps every token
@@ -104,17 +104,23 @@ def decode_step(params, pool: SlotPool, want_logprobs, *, config: ModelConfig, r
     B = pool.lengths_B.shape[0]
     if rows is None or rows == B:
         return _decode_rows(params, pool, want_logprobs, config)
-    K = config.n_kv_heads
-    head = lambda x, n: jax.lax.slice_in_dim(x, 0, n)
-    sub = pool.replace(cache=model.KVCache(k=[head(x, rows * K) for x in pool.cache.k],
-                                           v=[head(x, rows * K) for x in pool.cache.v]))
-    sub = jax.tree.map(lambda x: head(x, rows), sub.replace(cache=None)).replace(cache=sub.cache)
+    # The per-slot state of the first `rows` slots is sliced out and put back (small); the cache is not: the
+    # model writes and reads those slots' rows of the whole pool's cache in place.
+    head = lambda x: jax.lax.slice_in_dim(x, 0, rows)
+    sub = jax.tree.map(head, pool.replace(cache=None)).replace(cache=pool.cache)
     sub, out = _decode_rows(params, sub, want_logprobs, config)
     put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, 0, 0)
-    cache = model.KVCache(k=[put(b, s) for b, s in zip(pool.cache.k, sub.cache.k)],
-                          v=[put(b, s) for b, s in zip(pool.cache.v, sub.cache.v)])
     rest = jax.tree.map(put, pool.replace(cache=None), sub.replace(cache=None))
-    return rest.replace(cache=cache), out
+    return rest.replace(cache=sub.cache), out
+
+
+def decode_steps(params, pool: SlotPool, want_logprobs, *, config: ModelConfig, rows: int | None = None,
+                 steps: int = 1):
+    """`steps` decode steps in one call (outputs stacked: [steps, rows, ...]). A call has a fixed cost beside its
+    work, large next to a small model's one-row step (docs/benchmarks.md#serving): a request alone runs a few
+    steps a call (engine.py decides when)."""
+    return jax.lax.scan(lambda p, _: decode_step(params, p, want_logprobs, config=config, rows=rows), pool, None,
+                        length=steps)
 
 
 def _decode_rows(params, pool: SlotPool, want_logprobs, config: ModelConfig):
@@ -131,26 +137,49 @@ def _decode_rows(params, pool: SlotPool, want_logprobs, config: ModelConfig):
     return pool, (token_B, lp_B, top_ids_BA, top_lp_BA)
 
 
-def prefill(params, pool: SlotPool, tokens_1P, length, slot, settings: SlotSampling, want_logprobs, *,
-            config: ModelConfig):
-    """Runs one prompt (right-padded to its bucket) into a fresh cache and copies that into the slot's rows of the
-    pool; sets the slot's sampling settings (scalars) and samples its first token."""
-    P = tokens_1P.shape[1]
-    K = config.n_kv_heads
-    fresh = model.init_cache(config, 1, P)
-    h_1PD, fresh = model.hidden_cached(params, tokens_1P, jnp.arange(P, dtype=jnp.int32)[None], fresh, config,
-                                       scan_layers=False)
-    logits_1V = model.logits(params, jax.lax.dynamic_slice_in_dim(h_1PD[0], length - 1, 1), config)
-    put = lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot * K, 0, 0))
-    cache = model.KVCache(k=[put(b, s) for b, s in zip(pool.cache.k, fresh.k)],
-                          v=[put(b, s) for b, s in zip(pool.cache.v, fresh.v)])
-    seen_V = jnp.zeros(config.vocab_size, bool).at[tokens_1P[0]].max(jnp.arange(P) < length)
-    settings = jax.tree.map(lambda all_B, one: all_B.at[slot].set(one), pool.sampling, settings)
-    one = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1)
-    token_1, lp_1, top_ids_1A, top_lp_1A = _sample(logits_1V, jax.tree.map(one, settings), jnp.zeros(1, jnp.int32),
-                                                   seen_V[None], jnp.ones(1, bool), want_logprobs)
+def begin(pool: SlotPool, slot, source, prompt_1S, length, reused, settings: SlotSampling, *,
+          copy: bool) -> SlotPool:
+    """Readies a slot for a prompt (`length` tokens of prompt_1S, padded to the pool's length) whose first `reused`
+    tokens already have keys/values in the `source` slot's rows (with `copy`, another slot's rows copied over;
+    without, the slot's own): the slot takes the request's sampling settings and the prompt's tokens (for the
+    repetition penalty), and its length becomes `reused`, where `prefill_chunk` goes on. It stays inactive until
+    the last chunk."""
+    K, S = pool.cache.k[0].shape[0] // pool.lengths_B.shape[0], pool.cache.max_len
+    if not (prompt_1S.shape == (1, S)):
+        raise ValueError(f"begin: the prompt must be padded to [1, {S}], got {prompt_1S.shape}")
+
+    cache = pool.cache
+    if copy:  # static: a slot reusing its own rows (or nothing) copies nothing
+        rows = lambda x_ZSH: jax.lax.dynamic_slice_in_dim(x_ZSH, source * K, K)
+        cache = jax.tree.map(lambda x_ZSH: jax.lax.dynamic_update_slice_in_dim(x_ZSH, rows(x_ZSH), slot * K, 0), cache)
+    seen_V = jnp.zeros(pool.seen_BV.shape[1], bool).at[prompt_1S[0]].max(jnp.arange(S) < length)
     at = lambda x_B, value: x_B.at[slot].set(value)
-    pool = pool.replace(cache=cache, lengths_B=at(pool.lengths_B, length), last_B=at(pool.last_B, token_1[0]),
-                        active_B=at(pool.active_B, True), count_B=at(pool.count_B, 1),
-                        seen_BV=pool.seen_BV.at[slot].set(seen_V.at[token_1[0]].set(True)), sampling=settings)
+    return pool.replace(cache=cache, lengths_B=at(pool.lengths_B, reused), active_B=at(pool.active_B, False),
+                        count_B=at(pool.count_B, 0), seen_BV=pool.seen_BV.at[slot].set(seen_V),
+                        sampling=jax.tree.map(at, pool.sampling, settings))
+
+
+def prefill_chunk(params, pool: SlotPool, tokens_1C, n, slot, last, want_logprobs, *, config: ModelConfig):
+    """Runs a chunk of a slot's prompt: its first `n` tokens of tokens_1C (right-padded to the chunk shape C) at
+    positions length .. length + n - 1 of the slot, over the keys/values already there (a reused prefix, earlier
+    chunks). With `last` (the prompt's final chunk) the slot samples its first token and becomes active; the
+    outputs are that token, its log-probability and top alternatives (meaningless unless `last`).
+
+    Padding tokens write keys/values past the prompt (masked until a later token overwrites them) or past the
+    cache (dropped); a decode step running meanwhile writes only at the slot's length, where the next chunk
+    starts."""
+    C = tokens_1C.shape[1]
+    start = pool.lengths_B[slot]
+    h_1CD, cache = model.hidden_cached(params, tokens_1C, (start + jnp.arange(C, dtype=jnp.int32))[None], pool.cache,
+                                       config, scan_layers=False, first_row=slot)
+    logits_1V = model.logits(params, jax.lax.dynamic_slice_in_dim(h_1CD[0], n - 1, 1), config)
+    one = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1)
+    seen_1V = one(pool.seen_BV)
+    token_1, lp_1, top_ids_1A, top_lp_1A = _sample(logits_1V, jax.tree.map(one, pool.sampling),
+                                                   jnp.zeros(1, jnp.int32), seen_1V, jnp.ones(1, bool), want_logprobs)
+    at = lambda x_B, value: x_B.at[slot].set(value)
+    pool = pool.replace(
+        cache=cache, lengths_B=at(pool.lengths_B, start + n), last_B=at(pool.last_B, token_1[0]),
+        active_B=at(pool.active_B, last), count_B=at(pool.count_B, jnp.where(last, 1, 0)),
+        seen_BV=pool.seen_BV.at[slot, token_1[0]].max(last))
     return pool, token_1[0], lp_1[0], top_ids_1A[0], top_lp_1A[0]
