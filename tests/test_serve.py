@@ -723,3 +723,26 @@ def test_a_long_prompt_arriving_while_four_streams_decode_is_prefilled_between_t
             assert [t for t in [*alone]][1:] == outputs[i], i  # the first token was taken above
     finally:
         engine.stop(drain=False)
+
+
+def test_placement_reuses_in_place_copies_from_elsewhere_and_evicts_the_least_recently_used():
+    from llama_jax.serve.placement import MIN_COPIED, place
+
+    sizes = (1, 2, 4, 8)
+    convo = list(range(100, 140))
+    # Slot 0 (free) holds the conversation: the next turn goes there, after its 40 tokens.
+    assert place(convo + [7, 8], {0: convo, 2: [5, 6]}, set(), {0: 3, 2: 1}, 8, sizes) == (0, 0, 40)
+    # The whole prompt is held: the last token is still prefilled (its logits give the first new token).
+    assert place(convo, {0: convo}, set(), {}, 8, sizes) == (0, 0, 39)
+    # Held by free slot 1 while nothing runs: copied into slot 0 (a one-row step) rather than widening each step.
+    assert place(convo + [7], {1: convo}, set(), {1: 3}, 8, sizes) == (0, 1, 40)
+    # A running request (slot 0) holds it: copied into the free slot that keeps the step at 2 rows.
+    assert place(convo + [9], {0: convo + [1, 2]}, {0}, {1: 5, 2: 4, 3: 9}, 8, sizes) == (1, 0, 40)
+    # Too short a prefix elsewhere is not worth a copy; without reuse nothing is reused.
+    short = convo[:MIN_COPIED - 1]
+    assert place(short + [9], {0: short}, {0}, {}, 8, sizes) == (1, 1, 0)
+    assert place(convo + [9], {0: convo}, set(), {}, 8, sizes, reuse=False) == (0, 0, 0)
+    # No match: among the free slots that keep the step at 4 rows (0 and 1; 2 and 3 run), the least recently used;
+    # a slot never used counts as least recent (it holds nothing).
+    assert place([1, 2, 3], {0: [9], 1: [8]}, {2, 3}, {0: 7, 1: 3}, 8, sizes) == (1, 1, 0)
+    assert place([1, 2, 3], {0: [9]}, {2}, {0: 7, 1: 3}, 8, sizes) == (3, 3, 0)

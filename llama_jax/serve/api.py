@@ -25,8 +25,9 @@ from starlette.routing import Route
 
 from llama_jax.errors import ArgumentError
 from llama_jax.serve import protocol as req
-from llama_jax.serve.engine import TOP_LOGPROBS, Engine, EngineStopping, Event, QueueFull, Request
+from llama_jax.serve.engine import TOP_LOGPROBS, Engine, EngineStopping, QueueFull
 from llama_jax.serve.protocol import MAX_BODY, MAX_N, BadRequest, sampling_fields
+from llama_jax.serve.requests import Event, Request
 from llama_jax.text import chat_template as chat
 
 # OpenAI's chat roles ("function", its deprecated one, aside); the chat template decides what it does with each.

@@ -38,10 +38,11 @@ from llama_jax.config import ModelConfig
 from llama_jax.errors import ArgumentError
 from llama_jax.score import token_logprobs
 from llama_jax.serve import slots
+from llama_jax.serve.placement import place, rows_for
+from llama_jax.serve.requests import Event, Request, find_stop, partial_stop
 from llama_jax.serve.slots import TOP_LOGPROBS
 from llama_jax.text.tokenizer import TextStream
 
-MIN_COPIED = 16  # a prefix held by another slot is copied over (all its rows, a fixed shape) from this many tokens
 BURST, BURST_S = 4, 0.05  # steps a call for a request alone, if they take at most this many seconds
 
 
@@ -51,49 +52,6 @@ class EngineStopping(RuntimeError):
 
 class QueueFull(RuntimeError):
     """The waiting queue is full: try again later (the server answers 429 with Retry-After)."""
-
-
-@dataclasses.dataclass
-class Request:
-    """One generation. `emit(event)` is called from the engine's thread for every piece of output."""
-
-    prompt: list[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None  # None: drawn by the engine
-    stop: tuple[str, ...] = ()  # stop strings, matched on the text
-    logprobs: int | None = None  # None: none; K: the chosen token's log-probability and K alternatives
-    echo: bool = False  # also score the prompt (its tokens' log-probabilities), sent before the first token
-    emit: Callable[[Event], None] = lambda event: None
-    id: str = ""
-
-
-@dataclasses.dataclass
-class Event:
-    """A piece of a request's output. Tokens come with their text (possibly "" while a multi-byte character or a
-    possible stop string is held back); the last event has finish_reason "stop" or "length" (or "cancelled",
-    "error" with `error` set)."""
-
-    text: str = ""
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
-    prompt_logprobs: list | None = None  # echo: [(token, logprob or None, [(id, logprob)...])] per prompt token
-    finish_reason: str | None = None
-    error: str | None = None
-
-    def extend(self, e: Event) -> None:
-        """Appends a later event of the same request (collecting a whole output)."""
-        self.text += e.text
-        self.tokens += e.tokens
-        self.logprobs += e.logprobs
-        self.top_logprobs += e.top_logprobs
-        self.prompt_logprobs = self.prompt_logprobs or e.prompt_logprobs
-        self.finish_reason, self.error = e.finish_reason or self.finish_reason, e.error or self.error
 
 
 @dataclasses.dataclass
@@ -389,7 +347,9 @@ class Engine:
             r.emit(Event(prompt_logprobs=prompt_lp, finish_reason="length"))
             self._log(r, 0, time.monotonic())
             return
-        slot, source, reused = self._place(r.prompt)
+        held = {s: a.known() for s, a in self._active.items()} | self._kept
+        slot, source, reused = place(r.prompt, held, set(self._active), self._used, self.max_batch, self.step_sizes,
+                                     self.prefix_reuse)
         self._kept.pop(slot, None)
         a = _Active(r, slot, TextStream(self.tokenizer, context=r.prompt[-8:]), started=time.monotonic(),
                     prefilled=reused, prompt_logprobs=prompt_lp, order=next(self._order))
@@ -402,30 +362,6 @@ class Engine:
         self.prefix_hits += reused > 0
         self.reused_tokens += reused
 
-    def _place(self, prompt: list[int]) -> tuple[int, int, int]:
-        """(slot, source, reused): the free slot a prompt goes to, and the slot holding the longest prefix of it
-        (`reused` tokens; the last prompt token is always prefilled, for its logits). A free slot is chosen
-        among those that keep the decode step as small as the lowest free slot would (a higher one would make
-        every step run more rows): the one holding the prefix if it is among them, else the least recently
-        used. A prefix held elsewhere (a running request, a free slot out of that range) is copied over."""
-        busy = set(self._active)
-        free = [s for s in range(self.max_batch) if s not in busy]
-        rows = self._rows(busy | {free[0]})
-        candidates = [s for s in free if s < rows]
-        best, reused = None, 0
-        if self.prefix_reuse:
-            for s in range(self.max_batch):
-                known = self._active[s].known() if s in busy else self._kept.get(s, [])
-                n = _common_prefix(known, prompt, len(prompt) - 1)
-                if n > reused:
-                    best, reused = s, n
-        if best in candidates:
-            return best, best, reused
-        slot = min(candidates, key=lambda s: self._used.get(s, -1))
-        if best is not None and reused >= MIN_COPIED:
-            return slot, best, reused
-        return slot, slot, 0
-
     def chunk_beside(self, rows: int) -> int:
         """The largest prefill chunk that took no longer than a decode step of `rows` rows at warm-up (at least the
         smallest chunk): what one step's prefill may cost while others decode."""
@@ -433,10 +369,6 @@ class Engine:
             return self.chunk_sizes[0]
         return max([c for c in self.chunk_sizes if self._chunk_s[c] <= self._step_s[rows]],
                    default=self.chunk_sizes[0])
-
-    def _rows(self, occupied) -> int:
-        """The decode step that covers these slots: the smallest power of two beyond the highest."""
-        return next(n for n in self.step_sizes if n > max(occupied))
 
     def _prefill_next(self) -> None:
         """Between two decode steps: prefills every waiting prompt that fits one chunk (a chat's next turn, most
@@ -450,7 +382,8 @@ class Engine:
         longer = [a for a in waiting if not a.decoding]
         if longer:
             decoding = [s for s, b in self._active.items() if b.decoding]
-            self._prefill_chunk(longer[0], self.chunk_beside(self._rows(decoding)) if decoding and self.interleave
+            beside = decoding and self.interleave
+            self._prefill_chunk(longer[0], self.chunk_beside(rows_for(decoding, self.step_sizes)) if beside
                                 else self.chunk_sizes[-1])
 
     def _prefill_chunk(self, a: _Active, limit: int) -> None:
@@ -479,7 +412,7 @@ class Engine:
         decoding = {s: a for s, a in self._active.items() if a.decoding}
         if decoding:
             want = any(a.request.logprobs is not None for a in decoding.values())
-            rows = self._rows(decoding)
+            rows = rows_for(decoding, self.step_sizes)
             alone = rows == 1 and len(self._active) == 1 and not self._waiting and self.burst > 1
             step, n = (self._burst, self.burst) if alone else (self._steps[rows], 1)
             self._pool, out = step(self.params, self._pool, np.bool_(want))
@@ -510,7 +443,7 @@ class Engine:
             event.finish_reason = "stop"
             return self._finish(a, None, event)
         a.held += a.text.add(token)
-        cut = _find_stop(a.held, r.stop)
+        cut = find_stop(a.held, r.stop)
         if cut is not None:
             event.text, a.held = a.held[:cut], ""
             event.finish_reason = "stop"
@@ -518,11 +451,11 @@ class Engine:
         full = len(r.prompt) + a.generated >= self.max_len
         if a.generated >= r.max_tokens or full:
             event.text = a.held + a.text.flush()
-            cut = _find_stop(event.text, r.stop)
+            cut = find_stop(event.text, r.stop)
             event.text = event.text if cut is None else event.text[:cut]
             event.finish_reason = "length" if cut is None else "stop"
             return self._finish(a, None, event)
-        keep = _partial_stop(a.held, r.stop)
+        keep = partial_stop(a.held, r.stop)
         event.text, a.held = a.held[:len(a.held) - keep], a.held[len(a.held) - keep:]
         r.emit(event)
 
@@ -559,15 +492,6 @@ class Engine:
                                   seed=np.uint32(r.seed or 0))
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many leading tokens a and b share, at most `limit`."""
-    n = min(len(a), len(b), limit)
-    if n <= 0:
-        return 0
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
-
-
 def _compile_count() -> int:
     """Compilations so far in this process (XLA backend compiles, counted by JAX's monitoring events)."""
     return _COMPILES[0]
@@ -582,21 +506,3 @@ def _count_compile(event: str, duration: float, **kwargs) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def _find_stop(text: str, stops) -> int | None:
-    """Where the earliest stop string begins in text, or None."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
-
-
-def _partial_stop(text: str, stops) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop string (held back: the next token
-    may complete it)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
