@@ -43,7 +43,7 @@ from llama_jax.serve.requests import Event, Request, find_stop, partial_stop
 from llama_jax.serve.slots import TOP_LOGPROBS
 from llama_jax.text.tokenizer import TextStream
 
-BURST, BURST_S = 4, 0.05  # steps a call for a request alone, if they take at most this many seconds
+BURST, BURST_S = 8, 0.05  # steps a call for a request alone, if they take at most this many seconds
 
 
 class EngineStopping(RuntimeError):
