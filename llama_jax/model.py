@@ -230,7 +230,7 @@ def _block(layer, x_BTD, positions_BT, mask_BTS, rope, config: ModelConfig, kv_c
         # mask_BTS None means plain causal (no packed documents): fused kernels then skip the masked blocks.
         attn_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, implementation=config.attention_impl,
                               is_causal=mask_BTS is None)
-    else:  # write this step's keys/values at their positions of the [B*K, S, H] cache, then attend to it all
+    else:  # write this step's keys/values at their positions of the [Z, S, H] cache, then attend to the batch's rows
         z_BTK = first_row * K + (jnp.arange(B) * K)[:, None, None] + jnp.arange(K)[None, None, :]
         slot_BT1 = positions_BT[:, :, None]
         k_ZSH = kv_cache[0].at[z_BTK, slot_BT1].set(k_BTKH.astype(kv_cache[0].dtype), mode="drop")

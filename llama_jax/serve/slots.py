@@ -180,6 +180,6 @@ def prefill_chunk(params, pool: SlotPool, tokens_1C, n, slot, last, want_logprob
     at = lambda x_B, value: x_B.at[slot].set(value)
     pool = pool.replace(
         cache=cache, lengths_B=at(pool.lengths_B, start + n), last_B=at(pool.last_B, token_1[0]),
-        active_B=at(pool.active_B, last), count_B=at(pool.count_B, jnp.where(last, 1, 0)),
+        active_B=at(pool.active_B, last), count_B=at(pool.count_B, last.astype(jnp.int32)),
         seen_BV=pool.seen_BV.at[slot, token_1[0]].max(last))
     return pool, token_1[0], lp_1[0], top_ids_1A[0], top_lp_1A[0]
